@@ -1,0 +1,135 @@
+"""Puts the MedCare adapters into a Hugging Face decoder and folds them back out.
+
+The steps of the method, in order: `add_stage1_adapters` (attention LoRA +
+mixture-of-LoRA MLPs), `merge_attention_lora` (the TAIA step: attention LoRA
+into the backbone, Noise Aggregator dropped, Knowledge Aggregator kept),
+`add_stage2_adapters` (Knowledge Aggregator + orthogonal alignment LoRA),
+`merge_all` (a plain dense model). Any model whose targeted projections are
+nn.Linear works (Qwen2/Qwen1.5, Llama-style).
+"""
+
+import torch
+import torch.nn as nn
+
+from .adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
+
+
+def adapter_layers(model: nn.Module, kind=_AdapterBase):
+    """(qualified name, layer) of every adapter layer of type `kind`."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _targets(model: nn.Module, names, what: str):
+    names = list(names)
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in names]
+    if not found:
+        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear named {names} for the {what}; this model's linear layers are {linears}")
+    return found
+
+
+def add_stage1_adapters(model: nn.Module, cfg) -> nn.Module:
+    """Freeze the model; LoRA on attention targets, mixture-of-LoRA on MLP targets."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, lin in _targets(model, cfg.attn_targets, "attention LoRA"):
+        replace_module(model, name, LoRALinear(lin, cfg.attn_rank, cfg.attn_alpha, cfg.attn_dropout, role="attention"))
+    for name, lin in _targets(model, cfg.mlp_targets, "mixture-of-LoRA"):
+        replace_module(model, name, MixtureOfLoRALinear(
+            lin, cfg.expert_rank, cfg.expert_alpha, cfg.num_experts, cfg.top_k, cfg.shared_rank,
+            cfg.expert_dropout, cfg.router_aux_loss_coef))
+    return model
+
+
+def _fold(layer) -> nn.Linear:
+    """The layer's base linear with the adapter's dense update added to its weight."""
+    base = layer.base
+    with torch.no_grad():
+        base.weight.add_(layer.delta_weight().to(base.weight.dtype))
+    return base
+
+
+@torch.no_grad()
+def merge_attention_lora(model: nn.Module) -> nn.Module:
+    """TAIA step: fold attention LoRA into the backbone; keep only the Knowledge Aggregator.
+
+    Each MixtureOfLoRALinear becomes a LoRALinear(role="knowledge") holding its
+    shared expert at the same scaling; routed experts and routers are dropped.
+    """
+    layers = adapter_layers(model, (LoRALinear, MixtureOfLoRALinear))
+    if not layers:
+        raise ValueError("merge_attention_lora: the model has no stage-1 adapters")
+    for name, layer in layers:
+        if isinstance(layer, LoRALinear):
+            if layer.role == "attention":
+                replace_module(model, name, _fold(layer))
+            continue
+        ka = LoRALinear(layer.base, layer.shared_rank, alpha=0.0, role="knowledge", scaling=layer.scaling)
+        ka.lora_A.copy_(layer.shared_A)
+        ka.lora_B.copy_(layer.shared_B)
+        replace_module(model, name, ka)
+    return model
+
+
+@torch.no_grad()
+def add_stage2_adapters(model: nn.Module, cfg) -> nn.Module:
+    """Turn each Knowledge Aggregator into an OrthogonalLoRALinear with a new alignment LoRA.
+
+    B_k is rescaled by (stage-1 scaling / stage-2 scaling) so the knowledge
+    path's contribution, and hence the model's output, is unchanged at the
+    start of stage 2 (the alignment B starts at zero).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = [(n, m) for n, m in adapter_layers(model, LoRALinear) if m.role == "knowledge"]
+    if not layers:
+        raise ValueError("add_stage2_adapters: the model carries no Knowledge Aggregator "
+                         "(run merge_attention_lora on a stage-1 model, or load the stage-1 knowledge adapters)")
+    stage2_scaling = cfg.align_alpha / cfg.align_rank
+    for name, ka in layers:
+        replace_module(model, name, OrthogonalLoRALinear(
+            ka.base, ka.lora_A, ka.lora_B * (ka.scaling / stage2_scaling), cfg.align_rank, cfg.align_alpha,
+            cfg.orthogonality, cfg.freeze_knowledge, cfg.orthogonality_lambda, cfg.attn_dropout))
+    return model
+
+
+@torch.no_grad()
+def merge_all(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight: a plain model with the same outputs.
+
+    A MixtureOfLoRALinear cannot be folded (its routed experts depend on the
+    input); run merge_attention_lora first.
+    """
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, MixtureOfLoRALinear):
+            raise ValueError(f"merge_all: {name} is a routed mixture-of-LoRA layer, which has no dense "
+                             "equivalent; apply merge_attention_lora (the TAIA step) first")
+        replace_module(model, name, _fold(layer))
+    return model
+
+
+def pop_expert_counts(model: nn.Module) -> dict:
+    """Tokens routed to each expert per layer since the last call, then reset."""
+    out = {}
+    for name, layer in adapter_layers(model, MixtureOfLoRALinear):
+        out[name] = layer.expert_counts.cpu().clone()
+        layer.expert_counts.zero_()
+    return out
+
+
+def set_penalty_grad_scale(model: nn.Module, scale: float):
+    for _, layer in adapter_layers(model):
+        layer.penalty_grad_scale = scale
+
+
+def last_penalty_total(model: nn.Module) -> float:
+    """Sum of the penalties (router balance, soft orthogonality) of the latest forward."""
+    vals = [layer.last_penalty for _, layer in adapter_layers(model) if layer.last_penalty is not None]
+    return float(sum(v.float() for v in vals)) if vals else 0.0
