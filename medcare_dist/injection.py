@@ -133,3 +133,10 @@ def last_penalty_total(model: nn.Module) -> float:
     """Sum of the penalties (router balance, soft orthogonality) of the latest forward."""
     vals = [layer.last_penalty for _, layer in adapter_layers(model) if layer.last_penalty is not None]
     return float(sum(v.float() for v in vals)) if vals else 0.0
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Put every adapter layer's base linear back, discarding the adapter."""
+    for name, layer in adapter_layers(model):
+        replace_module(model, name, layer.base)
+    return model

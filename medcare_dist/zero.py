@@ -20,3 +20,21 @@ def gathered(params, modifier_rank=None):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def mark_adapter_leaf_modules(model, ds_config: dict):
+    """Under ZeRO-3, gather each adapter layer's parameters (base, router, adapters) as one unit.
+
+    The layer reads its base weight and router inside one fused call rather
+    than through the child modules' forwards, so their per-module gather
+    hooks would not fire in time.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from .adapters import ADAPTER_TYPES
+
+    present = [cls for cls in ADAPTER_TYPES.values() if any(isinstance(m, cls) for m in model.modules())]
+    if present:
+        set_z3_leaf_modules(model, present)

@@ -1,0 +1,91 @@
+"""Loading the frozen backbone: dtype, attention kernel, ZeRO-3 construction, checkpointing."""
+
+import contextlib
+import importlib.util
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """auto: flash-attn 2 when installed and on CUDA, otherwise PyTorch SDPA."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise ValueError("model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+                         "(pip install '.[gpu]'); use sdpa or auto")
+    return requested
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict | None):
+    """While active, HF from_pretrained builds the model under deepspeed.zero.Init.
+
+    Each parameter is partitioned as soon as it is created and the checkpoint
+    is loaded shard by shard into the partitions, so no rank ever holds the
+    whole backbone. Outside ZeRO-3 it does nothing.
+    """
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it here
+    try:
+        yield hf_ds
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_base_model(path, dtype: str, attn_implementation: str = "auto", ds_config: dict | None = None,
+                    trust_remote_code: bool = False):
+    """A frozen causal LM from a local HF directory (never a hub download)."""
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(attn_implementation)
+    with zero3_construction(ds_config):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=TORCH_DTYPES[dtype], attn_implementation=attn,
+            trust_remote_code=trust_remote_code, local_files_only=True)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def enable_gradient_checkpointing(model):
+    """Reentrant checkpointing with input grads on.
+
+    With a frozen ZeRO-3 backbone, non-reentrant recompute meets partitioned
+    [0]-shaped weights; reentrant checkpointing re-runs the module forwards
+    (and so ZeRO's gather hooks), but needs an input that requires grad or
+    the adapters inside receive no gradient.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+
+
+def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int):
+    """The embedded default backbone: a tiny Qwen2 model with seeded random weights, saved once."""
+    from transformers import Qwen2ForCausalLM
+
+    from .demo import demo_model_config
+
+    config = demo_model_config(
+        tokenizer, hidden_size=tiny_cfg.hidden_size, intermediate_size=tiny_cfg.intermediate_size,
+        num_hidden_layers=tiny_cfg.num_hidden_layers, num_attention_heads=tiny_cfg.num_attention_heads,
+        num_key_value_heads=tiny_cfg.num_key_value_heads, max_position_embeddings=tiny_cfg.max_position_embeddings)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

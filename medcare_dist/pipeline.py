@@ -1,0 +1,270 @@
+"""The whole MedCare job: stage 1 -> TAIA merge -> stage 2 -> final merged model -> report.
+
+Each step writes its output under `output_dir` and marks it complete last, so
+rerunning the same command skips finished steps and resumes the running
+stage from its newest complete checkpoint:
+  demo_assets/   (embedded default only) tokenizer, tiny base model, data
+  stage1/        adapters/ (attention LoRA + mixture-of-LoRA), checkpoints/, result.json
+  merged_base/   HF model with the attention LoRA folded in; knowledge_adapters/ (KA)
+  stage2/        adapters/ (KA + alignment LoRA), checkpoints/, result.json
+  final/         plain HF model (safetensors) with every adapter folded in
+  report.json, report.md, *.png, tensorboard/, train.log
+"""
+
+import gc
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import adapter_io
+from .config import build_ds_config, resolve_dtype
+from .distributed import barrier, init_distributed
+from .injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
+from .modeling import device_type, enable_gradient_checkpointing, load_base_model
+from .orthogonal import orthogonality_residual
+from .trainer import StageResult, StageTrainer
+from .zero import mark_adapter_leaf_modules
+
+log = logging.getLogger("medcare_dist")
+
+STEPS = {"all": ("stage1", "merge", "stage2", "final"), "1": ("stage1", "merge"), "2": ("stage2", "final")}
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+def setup_logging(rank: int, log_file: Path | None):
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger("medcare_dist")
+    root.handlers.clear()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(fmt)
+    root.addHandler(h)
+    if log_file is not None and rank == 0:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.propagate = False
+
+
+def _publish_dir(tmp: Path, final: Path):
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+class Pipeline:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        self.out = Path(cfg.output_dir)
+        if self.rank == 0:
+            self._check_output_dir()
+            self.out.mkdir(parents=True, exist_ok=True)
+        barrier()
+        setup_logging(self.rank, self.out / "train.log")
+        self.dtype = resolve_dtype(cfg.model.dtype, device_type())
+        self.steps = STEPS[str(cfg.stage)]
+        self.tb = None
+        if self.rank == 0 and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self.results: dict[str, dict] = {}
+
+    def _check_output_dir(self):
+        if self.cfg.resume or not self.out.exists() or not any(self.out.iterdir()):
+            return
+        raise PipelineError(f"output_dir {self.out} already holds a run and resume=false: choose another "
+                            "output_dir, delete it, or set resume=true to continue it")
+
+    # ----- inputs -----------------------------------------------------------
+    def _prepare_inputs(self):
+        """Base model path, tokenizer and per-stage data sources (building the demo assets once)."""
+        cfg = self.cfg
+        sources = {"stage1": [s.__dict__ for s in cfg.data.stage1], "stage2": [s.__dict__ for s in cfg.data.stage2]}
+        base_path = Path(cfg.model.path) if cfg.model.path else None
+        needs_demo = base_path is None or any(not v for v in sources.values())
+        if needs_demo:
+            demo_dir = self.out / "demo_assets"
+            if self.rank == 0:
+                from .demo import prepare_demo
+
+                assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)
+                if base_path is None and not (demo_dir / "base_model" / "config.json").is_file():
+                    from .modeling import build_demo_base
+
+                    tmp = demo_dir / ".base_model.tmp"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    build_demo_base(tmp, assets.tokenizer(), cfg.model.tiny, cfg.seed)
+                    _publish_dir(tmp, demo_dir / "base_model")
+            barrier()
+            from .demo import prepare_demo
+
+            assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)  # already built: only reads
+            if base_path is None:
+                base_path = demo_dir / "base_model"
+            for stage in ("stage1", "stage2"):
+                if not sources[stage]:
+                    sources[stage] = [{"path": str(assets.files[f"{stage}_train"]), "format": "messages",
+                                       "max_samples": None}]
+            self.demo_assets = assets
+        else:
+            self.demo_assets = None
+        if not (base_path / "config.json").is_file():
+            raise PipelineError(f"model.path={base_path}: no config.json there (a local Hugging Face model "
+                                "directory is expected; nothing is downloaded)")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path), local_files_only=True,
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.base_path = base_path
+        self.sources = sources
+
+    def _dataset(self, stage: str):
+        from .data import collate, load_stage_dataset
+
+        dataset, stats = load_stage_dataset(self.sources[stage], self.tokenizer, self.cfg.data.max_length,
+                                            self.cfg.data.on_bad_row, self.cfg.seed)
+        if self.rank == 0:
+            log.info("%s data: %s", stage, json.dumps(stats.to_dict()))
+        pad_id = self.tokenizer.pad_token_id
+        return dataset, stats, (lambda batch: collate(batch, pad_id))
+
+    # ----- stages -----------------------------------------------------------
+    def _stage_done(self, stage: str) -> bool:
+        return (self.out / stage / "result.json").is_file() and self.cfg.resume
+
+    def _train_stage(self, stage: str, model, stage_cfg, ds_config, measure_orthogonality: bool):
+        dataset, stats, collate = self._dataset(stage)
+        if self.cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        # The frozen embedding's output carries no grad; without one, ZeRO-3's
+        # post-backward hook of the first adapter layer fires before its
+        # parameters' gradients are accumulated and releases them too early.
+        model.enable_input_require_grads()
+        mark_adapter_leaf_modules(model, ds_config)
+        trainer = StageTrainer(stage, model, dataset, collate, stage_cfg, ds_config, self.out / stage, self.rank,
+                               self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.tb)
+        if self.cfg.resume:
+            trainer.maybe_resume()
+        n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                          for p in model.parameters() if p.requires_grad)
+        log.info("%s: %d samples, %d optimizer steps (global batch %d = micro %d x ranks %d x accum %d), "
+                 "%.2fM trainable parameters", stage, len(dataset), trainer.total_steps, trainer.global_batch,
+                 trainer.micro, self.world, trainer.grad_accum, n_trainable / 1e6)
+        result = trainer.train()
+        adapter_io.save_adapters(model, self.out / stage / "adapters", extra={"stage": stage},
+                                 is_writer=self.rank == 0)
+        summary = {**result.summary(), "data": stats.to_dict()}
+        if measure_orthogonality:
+            summary["orthogonality_residual"] = orthogonality_residual(model)
+        barrier()
+        if self.rank == 0:
+            record = {"summary": summary, "result": result.to_state()}
+            path = self.out / stage / "result.json"
+            path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+            os.replace(path.with_suffix(".tmp"), path)
+        del trainer
+        gc.collect()
+        return summary
+
+    def stage1(self):
+        cfg = self.cfg
+        ds_config = build_ds_config(cfg, cfg.stage1, self.world, self.dtype)
+        model = load_base_model(self.base_path, self.dtype, cfg.model.attn_implementation, ds_config,
+                                cfg.model.trust_remote_code)
+        torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
+        add_stage1_adapters(model, cfg.adapters)
+        return self._train_stage("stage1", model, cfg.stage1, ds_config, measure_orthogonality=False)
+
+    def merge(self):
+        """TAIA: fold the attention LoRA into the backbone, keep the Knowledge Aggregator apart."""
+        target = self.out / "merged_base"
+        if self.rank == 0 and not (target / "config.json").is_file():
+            tmp = self.out / ".merged_base.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model = load_base_model(self.base_path, self.dtype, "sdpa", None, self.cfg.model.trust_remote_code)
+            adapter_io.load_adapters(model, self.out / "stage1" / "adapters")
+            merge_attention_lora(model)
+            adapter_io.save_adapters(model, tmp / "knowledge_adapters", extra={"stage": "merged_base"})
+            remove_adapters(model).save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            _publish_dir(tmp, target)
+            log.info("merge: attention LoRA folded, Noise Aggregator dropped -> %s", target)
+        barrier()
+
+    def _stage1_dir(self) -> Path:
+        if "stage1" in self.steps:
+            return self.out
+        if not self.cfg.init_from:
+            raise PipelineError("stage=2 needs init_from=<output_dir of a stage-1 run>")
+        return Path(self.cfg.init_from)
+
+    def stage2(self):
+        cfg = self.cfg
+        merged = self._stage1_dir() / "merged_base"
+        if not (merged / "config.json").is_file() or not (merged / "knowledge_adapters").is_dir():
+            raise PipelineError(f"{merged}: not a finished stage-1 output (needs config.json and "
+                                "knowledge_adapters/); run stage=1 first or fix init_from")
+        meta = adapter_io.read_adapter_config(merged / "knowledge_adapters")
+        ds_config = build_ds_config(cfg, cfg.stage2, self.world, self.dtype)
+        model = load_base_model(merged, self.dtype, cfg.model.attn_implementation, ds_config,
+                                cfg.model.trust_remote_code)
+        adapter_io.check_compatible(model, meta, merged / "knowledge_adapters")
+        adapter_io.load_adapters(model, merged / "knowledge_adapters")
+        torch.manual_seed(cfg.seed + 1)
+        add_stage2_adapters(model, cfg.adapters)
+        return self._train_stage("stage2", model, cfg.stage2, ds_config, measure_orthogonality=True)
+
+    def final(self):
+        target = self.out / "final"
+        merged = self._stage1_dir() / "merged_base"
+        if self.rank == 0 and not (target / "config.json").is_file():
+            tmp = self.out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model = load_base_model(merged, self.dtype, "sdpa", None, self.cfg.model.trust_remote_code)
+            adapter_io.load_adapters(model, self.out / "stage2" / "adapters")
+            merge_all(model).save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            _publish_dir(tmp, target)
+            log.info("final: every adapter folded -> %s (a plain Hugging Face model)", target)
+        barrier()
+
+    # ----- driver -----------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self._prepare_inputs()
+        for step in self.steps:
+            if step in ("stage1", "stage2"):
+                if self._stage_done(step):
+                    log.info("%s: already complete, skipping", step)
+                else:
+                    getattr(self, step)()
+                    barrier()
+            else:
+                getattr(self, step)()
+        report = None
+        if self.rank == 0:
+            from .report import write_report
+
+            report = write_report(self.cfg, self.out, self._stage1_dir(), time.perf_counter() - t0,
+                                  self.demo_assets)
+            log.info("report: %s", self.out / "report.md")
+        if self.tb is not None:
+            self.tb.close()
+        barrier()
+        return report
+
+
+def run(cfg) -> dict | None:
+    return Pipeline(cfg).run()

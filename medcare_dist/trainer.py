@@ -1,0 +1,268 @@
+"""One training stage on a DeepSpeed engine: batches, the step, logs, checkpoints, resume.
+
+The step, top to bottom (`StageTrainer.train`):
+  for each optimizer step s:
+    the global batch of step s is a fixed slice of a seeded per-epoch shuffle,
+    cut into world * grad_accum micro-batches; this rank takes every world-th;
+    count the loss tokens of the whole global batch (one all-reduce);
+    for each micro-batch: forward, summed token loss / global token count,
+    engine.backward, engine.step (DeepSpeed steps the optimizer on the last).
+Because the batch of every step is a pure function of (seed, step), resuming
+from step s needs only the engine state, the RNG states and s.
+"""
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .distributed import all_reduce_sum, barrier
+from .injection import last_penalty_total, pop_expert_counts, set_penalty_grad_scale
+from .orthogonal import orthogonality_residual
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the peak lr at an optimizer step: linear warm-up then cosine/linear/constant."""
+
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return f
+
+
+def token_loss_sum(logits, labels, chunk_tokens: int = 4096):
+    """Sum of next-token cross-entropies over labelled positions, upcast to fp32 a chunk at a time."""
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    labels = labels[:, 1:].reshape(-1)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), chunk_tokens):
+        lab = labels[start:start + chunk_tokens]
+        total = total + F.cross_entropy(logits[start:start + chunk_tokens].float(), lab,
+                                        ignore_index=-100, reduction="sum")
+    return total
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int = 0
+    losses: list = field(default_factory=list)          # (step, mean token loss of the global batch)
+    lrs: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    expert_counts: dict = field(default_factory=dict)   # layer -> [E] tokens routed, summed over ranks
+    residuals: list = field(default_factory=list)       # (step, orthogonality residual)
+    resumed_from: str | None = None
+
+    def summary(self) -> dict:
+        loss = [v for _, v in self.losses]
+        head = loss[: max(1, len(loss) // 10)]
+        tail = loss[-max(1, len(loss) // 10):]
+        return {
+            "steps": self.steps,
+            "train_loss_first": loss[0] if loss else None,
+            "train_loss_last": loss[-1] if loss else None,
+            "train_loss_first_10pct_mean": sum(head) / len(head) if loss else None,
+            "train_loss_last_10pct_mean": sum(tail) / len(tail) if loss else None,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else None,
+            "resumed_from": self.resumed_from,
+        }
+
+    def to_state(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StageResult":
+        return cls(**state)
+
+
+class StageTrainer:
+    """Trains the adapter parameters of `model` on `dataset` for one stage."""
+
+    def __init__(self, name, model, dataset, collate, stage_cfg, ds_config, out_dir, rank, world_size,
+                 seed, logging_cfg, measure_orthogonality=False, tb_writer=None):
+        import deepspeed
+
+        self.name, self.rank, self.world = name, rank, world_size
+        self.dataset, self.collate = dataset, collate
+        self.cfg, self.logging_cfg = stage_cfg, logging_cfg
+        self.seed = seed
+        self.out_dir = Path(out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.measure_orthogonality = measure_orthogonality
+        self.tb = tb_writer
+        self.micro = ds_config["train_micro_batch_size_per_gpu"]
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.global_batch = ds_config["train_batch_size"]
+
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{name}: {len(dataset)} training samples are fewer than one global batch "
+                             f"({self.global_batch}); lower {name}.global_batch_size or add data")
+        total = self.steps_per_epoch * stage_cfg.epochs
+        self.total_steps = min(total, stage_cfg.max_steps) if stage_cfg.max_steps > 0 else total
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+        warmup = math.ceil(stage_cfg.warmup_ratio * self.total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(stage_cfg.lr_scheduler, warmup, self.total_steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
+        self.model = model
+        self.device = self.engine.device
+        self.result = StageResult(name)
+        self.start_step = 0
+
+    # ----- data -------------------------------------------------------------
+    def _global_indices(self, step: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        perm = torch.randperm(len(self.dataset), generator=g)
+        return perm[within * self.global_batch:(within + 1) * self.global_batch].tolist()
+
+    def _micro_batches(self, step: int):
+        idx = self._global_indices(step)
+        chunks = [idx[j * self.micro:(j + 1) * self.micro] for j in range(self.world * self.grad_accum)]
+        # Micro-batch j goes to rank j % world: 1 rank with accumulation and
+        # N ranks without see the same micro-batches, hence the same step.
+        mine = [self.collate([self.dataset[i] for i in chunk]) for chunk in chunks[self.rank::self.world]]
+        n_loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine)
+        return mine, n_loss_tokens
+
+    # ----- resume -----------------------------------------------------------
+    def maybe_resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        state = ckpt.load_checkpoint(self.engine, path, self.rank)
+        self.start_step = state["step"]
+        self.result = StageResult.from_state(state["result"])
+        self.result.resumed_from = str(path)
+        if self.rank == 0:
+            log.info("%s: resumed from %s (step %d of %d)", self.name, path, self.start_step, self.total_steps)
+        return True
+
+    def _save(self, step: int):
+        state = {"stage": self.name, "step": step, "total_steps": self.total_steps,
+                 "result": self.result.to_state()}
+        ckpt.save_checkpoint(self.engine, self.ckpt_root, step, state, self.rank, barrier,
+                             self.logging_cfg.keep_last)
+
+    # ----- the loop ---------------------------------------------------------
+    def train(self) -> StageResult:
+        from tqdm import tqdm
+
+        engine, res = self.engine, self.result
+        penalty_scale = 1.0 / self.grad_accum
+        set_penalty_grad_scale(self.model, penalty_scale)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.name, dynamic_ncols=True,
+                   disable=self.rank != 0 or not self.logging_cfg.progress_bar)
+        engine.train()
+        t_stage = time.perf_counter()
+        window_tokens, window_t = 0, time.perf_counter()
+        for step in range(self.start_step, self.total_steps):
+            batches, local_tokens = self._micro_batches(step)
+            counts = all_reduce_sum(torch.tensor([float(local_tokens), 0.0], device=self.device))
+            n_global = max(1.0, counts[0].item())
+            loss_sum = torch.zeros((), device=self.device)
+            step_tokens = 0
+            for batch in batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                micro_loss = token_loss_sum(out.logits, batch["labels"])
+                # DeepSpeed divides by grad_accum and averages over ranks; undo both so the
+                # gradient is that of the token mean over the whole global batch.
+                engine.backward(micro_loss * (self.world * self.grad_accum / n_global))
+                engine.step()
+                loss_sum += micro_loss.detach()
+                step_tokens += int(batch["attention_mask"].sum())
+            totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(step_tokens), device=self.device)]))
+            loss = totals[0].item() / n_global
+            tokens = int(totals[1].item())
+            res.tokens += tokens
+            window_tokens += tokens
+            lr = engine.get_lr()[0]
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            res.steps = step + 1
+            res.losses.append((step + 1, loss))
+            res.lrs.append((step + 1, lr))
+            res.grad_norms.append((step + 1, grad_norm))
+            self._accumulate_expert_counts()
+            log_now = (step + 1) % self.logging_cfg.log_every == 0 or step + 1 == self.total_steps
+            if self.measure_orthogonality and (log_now or step + 1 == self.total_steps):
+                res.residuals.append((step + 1, orthogonality_residual(self.model)))
+            if log_now:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_t, 1e-9)
+                window_tokens, window_t = 0, now
+                self._log(step + 1, loss, lr, grad_norm, tps)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            if self.cfg.save_every and (step + 1) % self.cfg.save_every == 0 and step + 1 < self.total_steps:
+                res.seconds += time.perf_counter() - t_stage
+                t_stage = time.perf_counter()
+                self._save(step + 1)
+        bar.close()
+        res.seconds += time.perf_counter() - t_stage
+        return res
+
+    def _accumulate_expert_counts(self):
+        counts = pop_expert_counts(self.model)
+        if not counts:
+            return
+        names = sorted(counts)
+        flat = all_reduce_sum(torch.stack([counts[n].float() for n in names]).to(self.device)).cpu()
+        for n, row in zip(names, flat):
+            prev = self.result.expert_counts.get(n)
+            self.result.expert_counts[n] = [a + b for a, b in zip(prev, row.tolist())] if prev else row.tolist()
+
+    def _log(self, step, loss, lr, grad_norm, tokens_per_s):
+        if self.rank != 0:
+            return
+        penalty = last_penalty_total(self.model)
+        extra = f" penalty {penalty:.4g}" if penalty else ""
+        if self.result.residuals and self.result.residuals[-1][0] == step:
+            extra += f" ortho_residual {self.result.residuals[-1][1]:.2e}"
+        log.info("%s step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f%s", self.name, step,
+                 self.total_steps, loss, lr, grad_norm, tokens_per_s, extra)
+        if self.tb is None:
+            return
+        tag = self.name
+        self.tb.add_scalar(f"{tag}/loss", loss, step)
+        self.tb.add_scalar(f"{tag}/lr", lr, step)
+        self.tb.add_scalar(f"{tag}/grad_norm", grad_norm, step)
+        self.tb.add_scalar(f"{tag}/tokens_per_s", tokens_per_s, step)
+        if penalty:
+            self.tb.add_scalar(f"{tag}/penalty", penalty, step)
+        if self.result.residuals and self.result.residuals[-1][0] == step:
+            self.tb.add_scalar(f"{tag}/orthogonality_residual", self.result.residuals[-1][1], step)
+        for name, counts in self.result.expert_counts.items():
+            total = sum(counts) or 1.0
+            self.tb.add_scalars(f"{tag}/expert_utilisation/{name}",
+                                {f"e{i}": c / total for i, c in enumerate(counts)}, step)
