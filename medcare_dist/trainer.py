@@ -13,6 +13,7 @@ from step s needs only the engine state, the RNG states and s.
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,22 @@ def token_loss_sum(logits, labels, chunk_tokens: int = 4096):
         total = total + F.cross_entropy(logits[start:start + chunk_tokens].float(), lab,
                                         ignore_index=-100, reduction="sum")
     return total
+
+
+def injected_failure(stage: str, step: int, rank: int):
+    """Failure injection for the resume tests: MEDCARE_FAIL_AT=<stage>:<step>[:<rank>].
+
+    The named rank (every rank if omitted) dies with os._exit, as a killed
+    process would: no exception handlers, no clean shutdown.
+    """
+    spec = os.environ.get("MEDCARE_FAIL_AT")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == stage and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
+        log.error("MEDCARE_FAIL_AT=%s: rank %d exits now", spec, rank)
+        logging.shutdown()
+        os._exit(17)
 
 
 @dataclass
@@ -228,6 +245,7 @@ class StageTrainer:
                 res.seconds += time.perf_counter() - t_stage
                 t_stage = time.perf_counter()
                 self._save(step + 1)
+            injected_failure(self.name, step + 1, self.rank)
         bar.close()
         res.seconds += time.perf_counter() - t_stage
         return res
