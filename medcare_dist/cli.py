@@ -20,6 +20,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    import warnings
+
+    # torch.distributed deprecation notices from inside DeepSpeed, once per collective.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import torch
 
     if not torch.cuda.is_available():

@@ -1,7 +1,7 @@
-"""The embedded default, built offline: ICD-10-CM knowledge and normalisation data, a BPE tokenizer, a tiny Qwen2 config.
+"""The embedded default: ICD-10-CM knowledge and normalisation data, a BPE tokenizer and a tiny Qwen2 config.
 
-Everything comes from the tabular list shipped in `simple_icd_10_cm`, so a demo
-run needs no download; outputs are deterministic in the seed and built once.
+Everything comes from the tabular list shipped in `simple_icd_10_cm`, so it is built offline, once,
+and deterministically in the seed.
 """
 
 from __future__ import annotations
@@ -176,9 +176,12 @@ def select_codes(categories=DEFAULT_CATEGORIES, max_description_chars: int = 100
 
 def _distractors(code: str, pool: list[str], rng: random.Random, icd, k: int = 3) -> list[str]:
     """k codes from `pool` nearest to `code` in the hierarchy: siblings first, then cousins, and so on."""
+    parent = icd.get_parent(code)
+    levels = [lambda c: icd.get_parent(c) == parent]
+    levels += [lambda c, a=ancestor: icd.is_descendant(c, a) for ancestor in icd.get_ancestors(code)]  # nearest first
     chosen: list[str] = []
-    for ancestor in icd.get_ancestors(code):  # nearest first
-        level = [c for c in pool if c != code and c not in chosen and icd.is_descendant(c, ancestor)]
+    for in_level in levels:
+        level = [c for c in pool if c != code and c not in chosen and in_level(c)]
         rng.shuffle(level)
         chosen += level[: k - len(chosen)]
         if len(chosen) == k:

@@ -72,20 +72,3 @@ def enable_gradient_checkpointing(model):
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
-
-
-def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int):
-    """The embedded default backbone: a tiny Qwen2 model with seeded random weights, saved once."""
-    from transformers import Qwen2ForCausalLM
-
-    from .demo import demo_model_config
-
-    config = demo_model_config(
-        tokenizer, hidden_size=tiny_cfg.hidden_size, intermediate_size=tiny_cfg.intermediate_size,
-        num_hidden_layers=tiny_cfg.num_hidden_layers, num_attention_heads=tiny_cfg.num_attention_heads,
-        num_key_value_heads=tiny_cfg.num_key_value_heads, max_position_embeddings=tiny_cfg.max_position_embeddings)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir

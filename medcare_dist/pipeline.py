@@ -99,7 +99,7 @@ class Pipeline:
 
                 assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)
                 if base_path is None and not (demo_dir / "base_model" / "config.json").is_file():
-                    from .modeling import build_demo_base
+                    from .demo_base import build_demo_base
 
                     tmp = demo_dir / ".base_model.tmp"
                     shutil.rmtree(tmp, ignore_errors=True)

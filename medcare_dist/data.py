@@ -1,0 +1,480 @@
+"""Training data from local json / jsonl / parquet files in three chat formats, validated row by row.
+
+Rows become token ids with assistant-only labels; `python -m medcare_dist.data check FILE...` validates
+files without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "conversations", "messages", "alpaca")
+ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+IGNORE_INDEX = -100
+MAX_LISTED_BAD_ROWS = 20
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as given; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    file: str
+    line: int    # 1-based; a line for JSON lines, an array item for .json arrays, a row for parquet
+    reason: str  # a stable key, counted in DataStats.bad_rows
+    detail: str
+    unit: str = "line"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file}: {self.unit} {self.line}"
+        return f"{where}: {self.reason}: {self.detail}"
+
+
+class _RowError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# ----- formats -------------------------------------------------------------------------------------------
+
+def _message_list(items, field_name: str) -> list[dict]:
+    if not isinstance(items, list):
+        raise _RowError("wrong_type", f"'{field_name}' is {type(items).__name__}, not a list")
+    messages = []
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise _RowError("wrong_type", f"{field_name}[{i}] is {type(item).__name__}, not an object")
+        # Both key styles are accepted in both formats: exports mix them more often than not.
+        role = item.get("from", item.get("role"))
+        content = item.get("value", item.get("content"))
+        if role is None or ("value" not in item and "content" not in item):
+            raise _RowError("missing_field", f"{field_name}[{i}] needs from/value or role/content")
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            raise _RowError("unknown_role", f"{field_name}[{i}] has role {role!r} "
+                                            f"(expected one of {', '.join(sorted(ROLE_ALIASES))})")
+        if not isinstance(content, str):
+            raise _RowError("wrong_type", f"{field_name}[{i}] content is {type(content).__name__}, not a string")
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+    return messages
+
+
+def _alpaca_messages(obj: dict) -> list[dict]:
+    for key in ("instruction", "output"):
+        if key not in obj:
+            raise _RowError("missing_field", f"alpaca row has no '{key}'")
+    for key in ("instruction", "input", "output", "system"):
+        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
+            raise _RowError("wrong_type", f"'{key}' is {type(obj[key]).__name__}, not a string")
+    messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+    history = obj.get("history") or []
+    if not isinstance(history, list) or not all(
+            isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+        raise _RowError("wrong_type", "'history' must be a list of [instruction, output] string pairs")
+    for query, answer in history:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    prompt = "\n".join(part for part in (obj["instruction"], obj.get("input")) if part)
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj["output"]}]
+    return messages
+
+
+def detect_format(obj: dict) -> str:
+    if "conversations" in obj:
+        return "conversations"
+    if "messages" in obj:
+        return "messages"
+    if "instruction" in obj or "output" in obj:
+        return "alpaca"
+    raise _RowError("unknown_format", "row has none of 'conversations', 'messages', 'instruction' "
+                                      f"(keys: {', '.join(sorted(obj)[:8]) or 'none'})")
+
+
+def normalize_row(obj, fmt: str = "auto") -> list[dict]:
+    """A row of any supported format as a checked list of {role, content} ending with an assistant turn.
+
+    Empty system messages are dropped and so are turns after the last assistant
+    reply (they could carry no label); anything else wrong raises _RowError.
+    """
+    if not isinstance(obj, dict):
+        raise _RowError("not_an_object", f"row is {type(obj).__name__}, not a JSON object")
+    fmt = detect_format(obj) if fmt == "auto" else fmt
+    if fmt == "alpaca":
+        messages = _alpaca_messages(obj)
+    else:
+        if fmt not in obj:
+            raise _RowError("missing_field", f"row has no '{fmt}' field")
+        messages = _message_list(obj[fmt], fmt)
+        system = obj.get("system")
+        # LLaMA-Factory's ShareGPT layout keeps the system prompt in a column of its own.
+        if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": system})
+    messages = [m for m in messages if not (m["role"] == "system" and not m["content"].strip())]
+    if not messages:
+        raise _RowError("empty_conversation", "no messages")
+    for i, m in enumerate(messages, 1):
+        if not m["content"].strip():
+            raise _RowError("empty_content", f"message {i} ({m['role']}) is empty")
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last_reply is None:
+        raise _RowError("no_assistant_turn", "no assistant/gpt message to learn from")
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if first_reply < first_user:
+        raise _RowError("no_user_turn", f"assistant message {first_reply + 1} comes before any user message")
+    return messages[: last_reply + 1]
+
+
+# ----- reading files -------------------------------------------------------------------------------------
+
+def _iter_json_lines(path: Path):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _RowError("invalid_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} "
+                                                        "is not UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield lineno, _RowError("invalid_json", f"{e.msg} (column {e.colno})")
+
+
+def _iter_json_array(path: Path):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid_utf8: byte 0x{raw[e.start]:02x} is not UTF-8 "
+                        "(a .json array is parsed as a whole, so the file cannot be read)") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid_json: {e.msg} (column {e.colno}; a .json array is parsed "
+                        "as a whole, so the file cannot be read)") from None
+    yield from enumerate(items, 1)
+
+
+def _iter_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a damaged file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            index += 1
+            yield index, row
+
+
+def _file_rows(path: Path):
+    """(unit, iterator of (1-based position, parsed object or _RowError)) for one data file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "line", _iter_json_lines(path)
+    if suffix == ".json":
+        # HF datasets reads JSON lines from .json files too: an array is told apart by its first byte.
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return ("item", _iter_json_array(path)) if head.startswith(b"[") else ("line", _iter_json_lines(path))
+    if suffix == ".parquet":
+        return "row", _iter_parquet(path)
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def read_conversations(path, fmt: str = "auto") -> tuple[list[list[dict]], list[BadRow], int]:
+    """All rows of one file: (normalised conversations, bad rows, rows read). Bad rows never stop the scan."""
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    path = Path(path)
+    unit, rows = _file_rows(path)
+    good, bad, n = [], [], 0
+    for position, obj in rows:
+        n += 1
+        try:
+            if isinstance(obj, _RowError):
+                raise obj
+            good.append(normalize_row(obj, fmt))
+        except _RowError as e:
+            bad.append(BadRow(str(path), position, e.reason, e.detail, unit))
+    return good, bad, n
+
+
+def format_bad_rows(bad: list[BadRow], limit: int = MAX_LISTED_BAD_ROWS) -> str:
+    lines = [f"  {b}" for b in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    by_reason = Counter(b.reason for b in bad)
+    lines.append("  by reason: " + ", ".join(f"{r} {c}" for r, c in sorted(by_reason.items())))
+    return "\n".join(lines)
+
+
+# ----- tokenisation --------------------------------------------------------------------------------------
+
+def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The chat-template text of `messages` cut into (text, is_reply) pieces that concatenate to the whole.
+
+    A reply piece is what a model must generate after the template's generation
+    prompt: the assistant content plus the end-of-turn marker (`<|im_end|>` for
+    ChatML), without the whitespace the template puts after it. Pieces come from
+    rendering prefixes of the conversation, so no template-specific parsing.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("the tokenizer has no chat template (tokenizer_config.json / chat_template.jinja)")
+    full = _render(tokenizer, messages)
+    pieces, pos = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= pos):
+            raise DataError("the chat template does not render a conversation as an extension of its prefixes; "
+                            "assistant spans cannot be located")
+        reply = through[len(prompt):].rstrip()
+        pieces += [(full[pos:len(prompt)], False), (reply, True)]
+        pos = len(prompt) + len(reply)
+    pieces.append((full[pos:], False))
+    return [(text, is_reply) for text, is_reply in pieces if text]
+
+
+def _assemble(piece_ids: list[list[int]], piece_is_reply: list[bool], max_length: int) -> dict:
+    input_ids, labels = [], []
+    for ids, is_reply in zip(piece_ids, piece_is_reply):
+        input_ids += ids
+        labels += ids if is_reply else [IGNORE_INDEX] * len(ids)
+    truncated = len(input_ids) > max_length
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated,
+            "full_length": len(input_ids)}
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """input_ids, labels (-100 outside assistant replies) and truncated for one conversation.
+
+    Each piece is tokenised on its own, exactly as at inference time: the prompt
+    (ending in the generation prompt) is encoded, then the reply follows. Longer
+    sequences are cut on the right to max_length.
+    """
+    pieces = render_segments(tokenizer, messages)
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in pieces]
+    out = _assemble(ids, [r for _, r in pieces], max_length)
+    out.pop("full_length")
+    return out
+
+
+# ----- datasets ------------------------------------------------------------------------------------------
+
+@dataclass
+class DataStats:
+    """What load_stage_dataset kept and dropped; files maps each path to read / bad / used / rows counts."""
+
+    num_rows: int = 0
+    num_tokens: int = 0
+    num_label_tokens: int = 0
+    num_truncated: int = 0
+    num_dropped_no_labels: int = 0   # truncation left none of the reply: nothing to learn, so dropped
+    max_length: int = 0
+    longest_sequence: int = 0        # before truncation
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_source(source) -> dict:
+    if isinstance(source, (str, Path)):
+        source = {"path": str(source)}
+    if not isinstance(source, dict) or not source.get("path"):
+        raise DataError(f"data source {source!r} needs a 'path'")
+    unknown = set(source) - {"path", "format", "max_samples"}
+    if unknown:
+        raise DataError(f"data source {source['path']}: unknown keys {sorted(unknown)}")
+    fmt = source.get("format") or "auto"
+    if fmt not in FORMATS:
+        raise DataError(f"data source {source['path']}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    max_samples = source.get("max_samples")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise DataError(f"data source {source['path']}: max_samples must be a positive integer or null")
+    return {"path": str(source["path"]), "format": fmt, "max_samples": max_samples}
+
+
+def _warn_if_pieces_differ(tokenizer, pieces, piece_ids):
+    # Byte-level BPE with special-token turn markers (Qwen, ChatML) encodes the pieces exactly as the whole
+    # text; a tokenizer that prefixes spaces per call (SentencePiece) would not, and that is worth knowing.
+    whole = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False)["input_ids"]
+    if whole != [t for ids in piece_ids for t in ids]:
+        log.warning("this tokenizer encodes prompt and reply pieces differently from the whole rendered "
+                    "conversation; training follows the inference-time split (prompt, then reply)")
+
+
+def load_stage_dataset(sources, tokenizer, max_length: int, on_bad_row: str = "error", seed: int = 0,
+                       batch_size: int = 1024):
+    """(datasets.Dataset of input_ids / labels, DataStats) for a stage's sources, in source order.
+
+    sources: [{"path", "format": "auto"|"conversations"|"messages"|"alpaca", "max_samples": int|None}].
+    on_bad_row="error" raises a DataError listing every bad row (file, line, reason) of
+    every source; "skip" drops them and counts them by reason. max_samples keeps a
+    seeded random subset of a file's valid rows, in file order.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise DataError(f"on_bad_row must be 'error' or 'skip', not {on_bad_row!r}")
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, not {max_length}")
+    sources = [_check_source(s) for s in sources]
+    if not sources:
+        raise DataError("no data sources given")
+    stats = DataStats(max_length=max_length)
+    conversations, all_bad = [], []
+    for index, source in enumerate(sources):
+        good, bad, n_read = read_conversations(source["path"], source["format"])
+        all_bad += bad
+        if source["max_samples"] is not None and len(good) > source["max_samples"]:
+            rng = random.Random(f"{seed}:{index}:{source['path']}")
+            good = [good[i] for i in sorted(rng.sample(range(len(good)), source["max_samples"]))]
+        stats.files[source["path"]] = {"read": n_read, "bad": len(bad), "used": len(good), "rows": 0}
+        conversations += [(source["path"], m) for m in good]
+    stats.bad_rows = dict(sorted(Counter(b.reason for b in all_bad).items()))
+    if all_bad:
+        if on_bad_row == "error":
+            raise DataError(f"{len(all_bad)} bad rows in the training data (on_bad_row=error; set "
+                            f"on_bad_row=skip to drop them):\n{format_bad_rows(all_bad)}")
+        log.warning("skipped %d bad rows:\n%s", len(all_bad), format_bad_rows(all_bad, limit=5))
+
+    columns = {"input_ids": [], "labels": []}
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        rendered = [render_segments(tokenizer, messages) for _, messages in chunk]
+        # One batched call: the Rust tokenizer encodes the pieces of a whole chunk in parallel.
+        flat = [text for pieces in rendered for text, _ in pieces]
+        flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        k = 0
+        for (path, _), pieces in zip(chunk, rendered):
+            ids, k = flat_ids[k:k + len(pieces)], k + len(pieces)
+            if start == 0 and k == len(pieces):
+                _warn_if_pieces_differ(tokenizer, pieces, ids)
+            row = _assemble(ids, [r for _, r in pieces], max_length)
+            stats.longest_sequence = max(stats.longest_sequence, row["full_length"])
+            n_labels = sum(1 for t in row["labels"][1:] if t != IGNORE_INDEX)  # position 0 is never predicted
+            if n_labels == 0:
+                stats.num_dropped_no_labels += 1
+                continue
+            stats.num_truncated += row["truncated"]
+            stats.num_tokens += len(row["input_ids"])
+            stats.num_label_tokens += n_labels
+            stats.files[path]["rows"] += 1
+            columns["input_ids"].append(row["input_ids"])
+            columns["labels"].append(row["labels"])
+    stats.num_rows = len(columns["input_ids"])
+    if stats.num_dropped_no_labels:
+        log.warning("dropped %d rows whose reply starts beyond max_length=%d", stats.num_dropped_no_labels,
+                    max_length)
+    if stats.num_rows == 0:
+        raise DataError(f"no usable training rows in {', '.join(s['path'] for s in sources)} "
+                        f"(bad rows: {stats.bad_rows or 'none'}; dropped for length: {stats.num_dropped_no_labels})")
+
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32"))}))
+    return dataset, stats
+
+
+def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-padded int64 tensors input_ids, attention_mask, labels (labels padded with -100)."""
+    import torch
+
+    length = max(len(row["input_ids"]) for row in batch)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, row in enumerate(batch):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ----- command line --------------------------------------------------------------------------------------
+
+def _check(files, fmt: str, tokenizer_dir: str | None, max_length: int) -> int:
+    tokenizer = None
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    total_read = total_good = 0
+    all_bad: list[BadRow] = []
+    failed_files = 0
+    for path in files:
+        try:
+            good, bad, n_read = read_conversations(path, fmt)
+        except DataError as e:
+            print(f"{e}", flush=True)
+            failed_files += 1
+            continue
+        for b in bad:
+            print(b)
+        total_read, total_good, all_bad = total_read + n_read, total_good + len(good), all_bad + bad
+        line = f"{path}: {n_read} rows, {len(good)} valid, {len(bad)} bad"
+        if tokenizer is not None and good:
+            lengths = [len(tokenize_conversation(tokenizer, m, 1 << 30)["input_ids"]) for m in good]
+            over = sum(n > max_length for n in lengths)
+            line += (f"; tokens mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}, "
+                     f"{over} longer than {max_length}")
+        print(line)
+    summary = f"summary: {len(files)} files, {total_read} rows, {total_good} valid, {len(all_bad)} bad"
+    if all_bad:
+        summary += " (" + ", ".join(f"{r} {c}" for r, c in sorted(Counter(b.reason for b in all_bad).items())) + ")"
+    if failed_files:
+        summary += f", {failed_files} unreadable files"
+    print(summary)
+    return 1 if all_bad or failed_files else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medcare_dist.data",
+                                     description="Training-data tools of medcare-dist.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate data files without training; exit status 1 if any row is bad",
+                           description="List every bad row as FILE:LINE: reason: detail, then a summary. "
+                                       "Exit status 0 if all files are clean, 1 otherwise.")
+    check.add_argument("files", nargs="+", metavar="FILE", help=".jsonl, .json or .parquet")
+    check.add_argument("--format", default="auto", choices=FORMATS)
+    check.add_argument("--tokenizer", default=None, help="local tokenizer directory: also report token lengths")
+    check.add_argument("--max-length", type=int, default=2048, help="length to count overlong rows against")
+    args = parser.parse_args(argv)
+    return _check(args.files, args.format, args.tokenizer, args.max_length)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
