@@ -14,21 +14,30 @@ from .dispatch import use_triton
 def orthonormal_basis(knowledge_A, rtol=None):
     """Orthonormal basis Q [d_in, rank] of rows(knowledge_A [r_k, d_in]).
 
-    Column-pivoted by a rank-revealing SVD, so nearly dependent or
-    rank-deficient rows yield a basis of the numerical row space only.
+    From a rank-revealing SVD, so nearly dependent or rank-deficient rows
+    yield a basis of the numerical row space only (singular values below
+    rtol * the largest are dropped; rtol defaults to max(shape) * eps of the
+    input's dtype).
     """
     a = knowledge_A.detach().to(torch.float64 if knowledge_A.device.type == "cpu" else torch.float32)
     _, s, vh = torch.linalg.svd(a, full_matrices=False)
     if rtol is None:
-        rtol = max(a.shape) * torch.finfo(a.dtype).eps
+        # The tolerance follows the precision the rows were given in: a row
+        # that is a combination of others up to float32 rounding is dependent,
+        # not a new direction made of rounding noise.
+        eps = max(torch.finfo(a.dtype).eps, torch.finfo(knowledge_A.dtype).eps)
+        rtol = max(a.shape) * eps
     keep = s > rtol * s.max().clamp_min(torch.finfo(a.dtype).tiny)
     return vh[keep].t().contiguous()
 
 
 def project_out_torch(grad, basis):
     """grad - (grad Q) Q^T for grad [..., d_in] and Q [d_in, r] (PyTorch path)."""
-    q = basis.to(grad.dtype)
-    return grad - (grad @ q) @ q.t()
+    cdt = torch.promote_types(grad.dtype, torch.float32)
+    q = basis.to(cdt)
+    if cdt == grad.dtype:
+        return grad - (grad @ q) @ q.t()
+    return (grad.to(cdt) - (grad.to(cdt) @ q) @ q.t()).to(grad.dtype)
 
 
 class _ProjectOut(torch.autograd.Function):
@@ -50,9 +59,9 @@ def project_out_knowledge(grad, knowledge_A=None, basis=None):
 
     Pass `basis` (from `orthonormal_basis`) to reuse a cached basis.
     """
-    if use_triton(grad) and basis is None:
+    if use_triton(grad) and grad.dtype != torch.float64:
         from .projection_triton import project_out_knowledge_triton
-        return project_out_knowledge_triton(grad, knowledge_A)
+        return project_out_knowledge_triton(grad, knowledge_A, basis=basis)
     if basis is None:
         basis = orthonormal_basis(knowledge_A)
     return _ProjectOut.apply(grad, basis)

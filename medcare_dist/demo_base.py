@@ -32,7 +32,7 @@ def pretraining_corpus() -> list[str]:
     return lines
 
 
-def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int, steps: int = 400, seq_len: int = 128,
+def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int, steps: int = 150, seq_len: int = 128,
                     batch_size: int = 16, lr: float = 3e-3):
     """Pretrain the tiny model from a seeded initialisation and save it with the tokenizer."""
     from tqdm import tqdm

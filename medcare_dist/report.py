@@ -37,7 +37,7 @@ def _plot_experts(counts: dict, path: Path):
     names = sorted(counts)
     mat = np.array([counts[n] for n in names], dtype=float)
     mat = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1.0)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * mat.shape[1], 1.5 + 0.22 * len(names)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.5 * mat.shape[1]), 1.5 + 0.22 * len(names)))
     im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0.0)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels([n.replace("model.layers.", "L").replace(".mlp.", " ") for n in names], fontsize=7)
