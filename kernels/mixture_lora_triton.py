@@ -76,56 +76,16 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_a_rows(sa_ptr, ea_ptr, rw_ptr, rows, ks, RK, R, NE, RANK, IN,
-                 s_sa_r, s_sa_k, s_ea_e, s_ea_r, s_ea_k, s_rw_r, s_rw_k,
-                 DT: tl.constexpr, WITH_ROUTER: tl.constexpr):
-    """Tile [rows, ks] of A_ext = [A_k; A_1..A_E (; W_r)] in dtype DT."""
-    kmask = ks[None, :] < IN
-    is_s = rows < RK
-    is_e = (rows >= RK) & (rows < R)
-    er = tl.where(is_e, rows - RK, 0)
-    e = er // RANK
-    i = er - e * RANK
-    rs = tl.where(is_s, rows, 0)
-    t = tl.load(sa_ptr + rs[:, None] * s_sa_r + ks[None, :] * s_sa_k,
-                mask=is_s[:, None] & kmask, other=0.0).to(DT)
-    t += tl.load(ea_ptr + e[:, None] * s_ea_e + i[:, None] * s_ea_r + ks[None, :] * s_ea_k,
-                 mask=is_e[:, None] & kmask, other=0.0).to(DT)
-    if WITH_ROUTER:
-        is_r = (rows >= R) & (rows < R + NE)
-        rr = tl.where(is_r, rows - R, 0)
-        t += tl.load(rw_ptr + rr[:, None] * s_rw_r + ks[None, :] * s_rw_k,
-                     mask=is_r[:, None] & kmask, other=0.0).to(DT)
-    return t
+def _column_expert(js, RK, RANK, NE):
+    """Index into the [BT, EP] gate table of each stacked rank column (NE: the shared columns' 1)."""
+    return tl.where(js < RK, NE, (tl.maximum(js, RK) - RK) // RANK)
 
 
 @triton.jit
-def _load_b_cols(sb_ptr, eb_ptr, ns, js, OUT, RK, R, RANK, s_sb_n, s_sb_j, s_eb_e, s_eb_n, s_eb_i,
-                 DT: tl.constexpr):
-    """Tile [ns, js] of B_stack = [B_k, B_1..B_E] ([out, R]) in dtype DT."""
-    nmask = ns[:, None] < OUT
-    is_s = js < RK
-    is_e = (js >= RK) & (js < R)
-    er = tl.where(is_e, js - RK, 0)
-    e = er // RANK
-    i = er - e * RANK
-    jsc = tl.where(is_s, js, 0)
-    t = tl.load(sb_ptr + ns[:, None] * s_sb_n + jsc[None, :] * s_sb_j,
-                mask=nmask & is_s[None, :], other=0.0).to(DT)
-    t += tl.load(eb_ptr + e[None, :] * s_eb_e + ns[:, None] * s_eb_n + i[None, :] * s_eb_i,
-                 mask=nmask & is_e[None, :], other=0.0).to(DT)
-    return t
-
-
-@triton.jit
-def _gate_columns(gates, offs_e, js, RK, RANK, BT: tl.constexpr, BR: tl.constexpr, EP: tl.constexpr):
-    """[BT, BR] gate of each stacked rank column: 1 (shared), g_e (expert e's columns)."""
-    col_e = tl.where(js >= RK, (js - RK) // RANK, -1)
-    gcol = tl.zeros((BT, BR), dtype=tl.float32) + tl.where(js < RK, 1.0, 0.0)[None, :]
-    for e in tl.static_range(EP):
-        ge = tl.sum(tl.where(offs_e[None, :] == e, gates, 0.0), axis=1)
-        gcol += tl.where((col_e == e)[None, :], ge[:, None], 0.0)
-    return gcol
+def _gate_columns(gates1, js, RK, RANK, NE, BT: tl.constexpr, BR: tl.constexpr):
+    """[BT, BR] gate of each stacked rank column, gathered from gates1 = [gates | 1 at column NE]."""
+    col = tl.minimum(_column_expert(js, RK, RANK, NE), NE)
+    return tl.gather(gates1, tl.zeros((BT, BR), dtype=tl.int32) + col[None, :], axis=1)
 
 
 @triton.jit
@@ -145,46 +105,51 @@ def _swizzle(pid, n_m, n_n, GROUP: tl.constexpr):
 @triton.autotune(
     configs=_configs([({"BT": bt, "BR": br, "BK": bk}, w, s)
                       for bt, br, bk, w, s in [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 32, 128, 4, 3),
-                                               (128, 32, 64, 4, 4), (32, 64, 128, 4, 4)]],
+                                               (128, 32, 64, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3)]],
                      {"BT": 32, "BR": 64, "BK": 64}),
     key=["T_BUCKET", "IN", "R", "NE"])
 @triton.jit
-def _shrink_route_kernel(x_ptr, sa_ptr, ea_ptr, rw_ptr, rb_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr, idx_ptr,
+def _shrink_route_kernel(x_ptr, a_ptr, rw_ptr, rb_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr, idx_ptr,
                          T, IN, RK, R, NE, RANK,
-                         s_xt, s_xk, s_sa_r, s_sa_k, s_ea_e, s_ea_r, s_ea_k, s_rw_r, s_rw_k,
+                         s_xt, s_xk, s_rw_e, s_rw_k,
                          T_BUCKET,
                          HAS_RB: tl.constexpr, TOPK: tl.constexpr, EP: tl.constexpr,
                          ADT: tl.constexpr, RDT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                          BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    """H = X A_stack^T for a [BT, BR] block, with the router's logits, softmax, top-k and gate fused."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
     rows_t = offs_t.to(tl.int64)
     js = pid_r * BR + tl.arange(0, BR)
+    jmask = js < R
     offs_e = tl.arange(0, EP)
     emask = offs_e < NE
+    kk = tl.arange(0, BK)
 
+    x_ptrs = x_ptr + rows_t[:, None] * s_xt + kk[None, :] * s_xk
+    a_ptrs = a_ptr + js[None, :].to(tl.int64) * IN + kk[:, None]           # A_stack^T tile [BK, BR]
+    w_ptrs = rw_ptr + offs_e[None, :] * s_rw_e + kk[:, None] * s_rw_k      # W_r^T tile [BK, EP]
     acc = tl.zeros((BT, BR), dtype=tl.float32)
     lacc = tl.zeros((BT, EP), dtype=tl.float32)
     for k0 in range(0, IN, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows_t[:, None] * s_xt + ks[None, :] * s_xk,
-                    mask=tmask[:, None] & (ks[None, :] < IN), other=0.0)
-        a = _load_a_rows(sa_ptr, ea_ptr, rw_ptr, js, ks, RK, R, NE, RANK, IN,
-                         s_sa_r, s_sa_k, s_ea_e, s_ea_r, s_ea_k, s_rw_r, s_rw_k, ADT, False)
-        acc = _mma(x.to(ADT), tl.trans(a), acc, PREC, UPCAST)
-        wr = tl.load(rw_ptr + offs_e[:, None] * s_rw_r + ks[None, :] * s_rw_k,
-                     mask=emask[:, None] & (ks[None, :] < IN), other=0.0)
-        lacc = _mma(x.to(RDT), tl.trans(wr.to(RDT)), lacc, PREC, UPCAST)
+        km = (k0 + kk) < IN
+        x = tl.load(x_ptrs, mask=tmask[:, None] & km[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=km[:, None] & jmask[None, :], other=0.0)
+        acc = _mma(x.to(ADT), a, acc, PREC, UPCAST)
+        wr = tl.load(w_ptrs, mask=km[:, None] & emask[None, :], other=0.0)
+        lacc = _mma(x.to(RDT), wr.to(RDT), lacc, PREC, UPCAST)
+        x_ptrs += BK * s_xk
+        a_ptrs += BK
+        w_ptrs += BK * s_rw_k
 
-    # Router: float32 softmax, top-k (lowest index wins a tie), renormalise.
+    # Router: float32 softmax, top-k (the lowest index wins a tie), renormalise.
     logits = lacc
     if HAS_RB:
         logits += tl.load(rb_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(emask[None, :], logits, float("-inf"))
-    m = tl.max(logits, axis=1)
-    p = tl.exp(logits - m[:, None])
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
     rem = tl.where(emask[None, :], p, -1.0)
     sel = tl.zeros((BT, EP), dtype=tl.int32)
@@ -203,8 +168,8 @@ def _shrink_route_kernel(x_ptr, sa_ptr, ea_ptr, rw_ptr, rb_ptr, h_ptr, hg_ptr, p
         tl.store(probs_ptr + rows_t[:, None] * NE + offs_e[None, :], p, mask=emask2)
         tl.store(gates_ptr + rows_t[:, None] * NE + offs_e[None, :], gates, mask=emask2)
 
-    gcol = _gate_columns(gates, offs_e, js, RK, RANK, BT, BR, EP)
-    hmask = tmask[:, None] & (js[None, :] < R)
+    gcol = _gate_columns(tl.where(offs_e[None, :] == NE, 1.0, gates), js, RK, RANK, NE, BT, BR)
+    hmask = tmask[:, None] & jmask[None, :]
     tl.store(h_ptr + rows_t[:, None] * R + js[None, :], acc, mask=hmask)
     tl.store(hg_ptr + rows_t[:, None] * R + js[None, :], acc * gcol, mask=hmask)
 
@@ -214,41 +179,47 @@ def _shrink_route_kernel(x_ptr, sa_ptr, ea_ptr, rw_ptr, rb_ptr, h_ptr, hg_ptr, p
                       for bt, bn, bk, br, w, s in [(128, 256, 64, 32, 8, 3), (128, 128, 64, 32, 8, 4),
                                                    (128, 128, 64, 64, 4, 4), (64, 256, 64, 32, 8, 4),
                                                    (128, 64, 64, 32, 4, 4), (64, 128, 64, 32, 4, 4),
-                                                   (64, 64, 64, 32, 4, 5)]],
+                                                   (64, 64, 64, 32, 4, 5), (128, 256, 64, 64, 8, 3)]],
                      {"BT": 32, "BN": 64, "BK": 64, "BR": 64, "GROUP": 8}),
     key=["T_BUCKET", "IN", "OUT", "R"])
 @triton.jit
-def _base_expand_kernel(x_ptr, w_ptr, b_ptr, hg_ptr, sb_ptr, eb_ptr, y_ptr,
-                        T, IN, OUT, RK, R, RANK, scaling,
-                        s_xt, s_xk, s_wn, s_wk, s_sb_n, s_sb_j, s_eb_e, s_eb_n, s_eb_i, s_yt, s_yn,
+def _base_expand_kernel(x_ptr, w_ptr, b_ptr, hg_ptr, bt_ptr, y_ptr,
+                        T, IN, OUT, R, scaling,
+                        s_xt, s_xk, s_wn, s_wk, s_yt, s_yn,
                         T_BUCKET,
                         HAS_BIAS: tl.constexpr, XDT: tl.constexpr, LDT: tl.constexpr,
                         PREC: tl.constexpr, UPCAST: tl.constexpr,
                         BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                         GROUP: tl.constexpr):
+    """Y = X W^T (+ b) + s H_g B_stack^T: the expand accumulates into the base GEMM's accumulator."""
     pid_t, pid_n = _swizzle(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(OUT, BN), GROUP)
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
     rows_t = offs_t.to(tl.int64)
     ns = pid_n * BN + tl.arange(0, BN)
     nmask = ns < OUT
+    kk = tl.arange(0, BK)
 
+    x_ptrs = x_ptr + rows_t[:, None] * s_xt + kk[None, :] * s_xk
+    w_ptrs = w_ptr + ns[None, :].to(tl.int64) * s_wn + kk[:, None] * s_wk          # W^T tile [BK, BN]
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     for k0 in range(0, IN, BK):                                   # base GEMM
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < IN
-        x = tl.load(x_ptr + rows_t[:, None] * s_xt + ks[None, :] * s_xk,
-                    mask=tmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + ns[None, :] * s_wn + ks[:, None] * s_wk,
-                    mask=nmask[None, :] & kmask[:, None], other=0.0)
+        km = (k0 + kk) < IN
+        x = tl.load(x_ptrs, mask=tmask[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=nmask[None, :] & km[:, None], other=0.0)
         acc = _mma(x.to(XDT), w.to(XDT), acc, PREC, UPCAST)
+        x_ptrs += BK * s_xk
+        w_ptrs += BK * s_wk
+    rr = tl.arange(0, BR)
+    h_ptrs = hg_ptr + rows_t[:, None] * R + rr[None, :]
+    b_ptrs = bt_ptr + rr[:, None].to(tl.int64) * OUT + ns[None, :]              # B_stack^T tile [BR, BN]
     for j0 in range(0, R, BR):                                    # expand, same accumulator
-        js = j0 + tl.arange(0, BR)
-        hg = tl.load(hg_ptr + rows_t[:, None] * R + js[None, :],
-                     mask=tmask[:, None] & (js[None, :] < R), other=0.0)
-        bt = tl.trans(_load_b_cols(sb_ptr, eb_ptr, ns, js, OUT, RK, R, RANK,
-                                   s_sb_n, s_sb_j, s_eb_e, s_eb_n, s_eb_i, LDT))
-        acc = _mma((hg * scaling).to(LDT), bt, acc, PREC, UPCAST)
+        jm = (j0 + rr) < R
+        hg = tl.load(h_ptrs, mask=tmask[:, None] & jm[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=jm[:, None] & nmask[None, :], other=0.0)
+        acc = _mma((hg * scaling).to(LDT), b, acc, PREC, UPCAST)
+        h_ptrs += BR
+        b_ptrs += BR * OUT
     if HAS_BIAS:
         acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows_t[:, None] * s_yt + ns[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
@@ -260,17 +231,18 @@ def _base_expand_kernel(x_ptr, w_ptr, b_ptr, hg_ptr, sb_ptr, eb_ptr, y_ptr,
 @triton.autotune(
     configs=_configs([({"BT": bt, "BR": br, "BN": bn}, w, s)
                       for bt, br, bn, w, s in [(64, 64, 128, 4, 4), (128, 64, 64, 8, 4), (32, 64, 128, 4, 4),
-                                               (64, 32, 128, 4, 4), (128, 32, 128, 8, 3)]],
+                                               (64, 32, 128, 4, 4), (128, 32, 128, 8, 3), (64, 128, 64, 8, 3)]],
                      {"BT": 32, "BR": 64, "BN": 64}),
     key=["T_BUCKET", "OUT", "R", "NE"])
 @triton.jit
-def _grad_h_kernel(dy_ptr, sb_ptr, eb_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr, dh_ptr,
+def _grad_h_kernel(dy_ptr, bt_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr, dh_ptr,
                    T, OUT, RK, R, NE, RANK, scaling,
-                   s_dyt, s_dyn, s_sb_n, s_sb_j, s_eb_e, s_eb_n, s_eb_i,
+                   s_dyt, s_dyn,
                    T_BUCKET,
                    TOPK: tl.constexpr, EP: tl.constexpr, LDT: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    """dH_ext = [dH_g * gate, dlogits] for a block of tokens (all R columns, then the router)."""
     pid_t = tl.program_id(0)
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
@@ -279,28 +251,33 @@ def _grad_h_kernel(dy_ptr, sb_ptr, eb_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr,
     emask2 = tmask[:, None] & (offs_e[None, :] < NE)
     gates = tl.load(gates_ptr + rows_t[:, None] * NE + offs_e[None, :], mask=emask2, other=0.0)
     probs = tl.load(probs_ptr + rows_t[:, None] * NE + offs_e[None, :], mask=emask2, other=0.0)
+    gates1 = tl.where(offs_e[None, :] == NE, 1.0, gates)
     DH_W = R + NE
+    nn = tl.arange(0, BN)
+    rr = tl.arange(0, BR)
 
     dgate = tl.zeros((BT, EP), dtype=tl.float32)
     for j0 in range(0, R, BR):
-        js = j0 + tl.arange(0, BR)
+        js = j0 + rr
         jmask = js < R
+        dy_ptrs = dy_ptr + rows_t[:, None] * s_dyt + nn[None, :] * s_dyn
+        b_ptrs = bt_ptr + js[None, :].to(tl.int64) * OUT + nn[:, None]         # B_stack tile [BN, BR]
         acc = tl.zeros((BT, BR), dtype=tl.float32)
         for n0 in range(0, OUT, BN):
-            ns = n0 + tl.arange(0, BN)
-            dy = tl.load(dy_ptr + rows_t[:, None] * s_dyt + ns[None, :] * s_dyn,
-                         mask=tmask[:, None] & (ns[None, :] < OUT), other=0.0)
-            b = _load_b_cols(sb_ptr, eb_ptr, ns, js, OUT, RK, R, RANK, s_sb_n, s_sb_j, s_eb_e, s_eb_n, s_eb_i, LDT)
+            nm = (n0 + nn) < OUT
+            dy = tl.load(dy_ptrs, mask=tmask[:, None] & nm[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=nm[:, None] & jmask[None, :], other=0.0)
             acc = _mma(dy.to(LDT), b, acc, PREC, UPCAST)
+            dy_ptrs += BN * s_dyn
+            b_ptrs += BN
         dhg = acc * scaling
-        h = tl.load(h_ptr + rows_t[:, None] * R + js[None, :], mask=tmask[:, None] & jmask[None, :], other=0.0)
-        prod = dhg * h
-        col_e = tl.where(js >= RK, (js - RK) // RANK, -1)
-        for e in tl.static_range(EP):
-            pe = tl.sum(tl.where((col_e == e)[None, :], prod, 0.0), axis=1)
-            dgate += tl.where(offs_e[None, :] == e, pe[:, None], 0.0)
-        gcol = _gate_columns(gates, offs_e, js, RK, RANK, BT, BR, EP)
-        tl.store(dh_ptr + rows_t[:, None] * DH_W + js[None, :], dhg * gcol, mask=tmask[:, None] & jmask[None, :])
+        hm = tmask[:, None] & jmask[None, :]
+        h = tl.load(h_ptr + rows_t[:, None] * R + js[None, :], mask=hm, other=0.0)
+        # d gate_e = sum over expert e's columns of dH_g * H (exact: one-hot matmul in fp32).
+        onehot = (_column_expert(js, RK, RANK, NE)[:, None] == offs_e[None, :]).to(tl.float32)
+        dgate = tl.dot(dhg * h, onehot, dgate, input_precision="ieee")
+        gcol = _gate_columns(gates1, js, RK, RANK, NE, BT, BR)
+        tl.store(dh_ptr + rows_t[:, None] * DH_W + js[None, :], dhg * gcol, mask=hm)
 
     # gates = p_sel / sum(p_sel) over the top-k; then the softmax backward.
     sel = tl.zeros((BT, EP), dtype=tl.int32)
@@ -320,41 +297,46 @@ def _grad_h_kernel(dy_ptr, sb_ptr, eb_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr,
                       for bt, bk, bn, bj, w, s in [(128, 256, 64, 32, 8, 3), (128, 128, 64, 32, 8, 4),
                                                    (128, 128, 64, 64, 4, 4), (64, 256, 64, 32, 8, 4),
                                                    (128, 64, 64, 32, 4, 4), (64, 128, 64, 32, 4, 4),
-                                                   (64, 64, 64, 32, 4, 5)]],
+                                                   (64, 64, 64, 32, 4, 5), (128, 256, 64, 64, 8, 3)]],
                      {"BT": 32, "BK": 64, "BN": 64, "BJ": 64, "GROUP": 8}),
-    key=["T_BUCKET", "IN", "OUT", "R"])
+    key=["T_BUCKET", "IN", "OUT", "DH_W"])
 @triton.jit
-def _grad_x_kernel(dy_ptr, w_ptr, dh_ptr, sa_ptr, ea_ptr, rw_ptr, dx_ptr,
-                   T, IN, OUT, RK, R, NE, RANK,
-                   s_dyt, s_dyn, s_wn, s_wk, s_sa_r, s_sa_k, s_ea_e, s_ea_r, s_ea_k, s_rw_r, s_rw_k,
-                   s_dxt, s_dxk,
+def _grad_x_kernel(dy_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr,
+                   T, IN, OUT, DH_W,
+                   s_dyt, s_dyn, s_wn, s_wk, s_dxt, s_dxk,
                    T_BUCKET,
                    XDT: tl.constexpr, LDT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
                    GROUP: tl.constexpr):
+    """dX = dY W + [dH, dlogits] [A_stack; W_r]: one pass over W, the adapter terms in the same accumulator."""
     pid_t, pid_k = _swizzle(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(IN, BK), GROUP)
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
     rows_t = offs_t.to(tl.int64)
     ks = pid_k * BK + tl.arange(0, BK)
     kmask = ks < IN
-    DH_W = R + NE
+    nn = tl.arange(0, BN)
 
+    dy_ptrs = dy_ptr + rows_t[:, None] * s_dyt + nn[None, :] * s_dyn
+    w_ptrs = w_ptr + nn[:, None].to(tl.int64) * s_wn + ks[None, :] * s_wk          # W tile [BN, BK]
     acc = tl.zeros((BT, BK), dtype=tl.float32)
-    for n0 in range(0, OUT, BN):                                  # dY W: one pass over W
-        ns = n0 + tl.arange(0, BN)
-        dy = tl.load(dy_ptr + rows_t[:, None] * s_dyt + ns[None, :] * s_dyn,
-                     mask=tmask[:, None] & (ns[None, :] < OUT), other=0.0)
-        w = tl.load(w_ptr + ns[:, None] * s_wn + ks[None, :] * s_wk,
-                    mask=(ns[:, None] < OUT) & kmask[None, :], other=0.0)
+    for n0 in range(0, OUT, BN):
+        nm = (n0 + nn) < OUT
+        dy = tl.load(dy_ptrs, mask=tmask[:, None] & nm[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=nm[:, None] & kmask[None, :], other=0.0)
         acc = _mma(dy.to(XDT), w.to(XDT), acc, PREC, UPCAST)
-    for j0 in range(0, DH_W, BJ):                                 # + [dH, dlogits] [A_stack; W_r]
-        js = j0 + tl.arange(0, BJ)
-        dh = tl.load(dh_ptr + rows_t[:, None] * DH_W + js[None, :],
-                     mask=tmask[:, None] & (js[None, :] < DH_W), other=0.0)
-        a = _load_a_rows(sa_ptr, ea_ptr, rw_ptr, js, ks, RK, R, NE, RANK, IN,
-                         s_sa_r, s_sa_k, s_ea_e, s_ea_r, s_ea_k, s_rw_r, s_rw_k, LDT, True)
+        dy_ptrs += BN * s_dyn
+        w_ptrs += BN * s_wn
+    jj = tl.arange(0, BJ)
+    dh_ptrs = dh_ptr + rows_t[:, None] * DH_W + jj[None, :]
+    a_ptrs = a_ptr + jj[:, None].to(tl.int64) * IN + ks[None, :]                  # A_ext tile [BJ, BK]
+    for j0 in range(0, DH_W, BJ):
+        jm = (j0 + jj) < DH_W
+        dh = tl.load(dh_ptrs, mask=tmask[:, None] & jm[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=jm[:, None] & kmask[None, :], other=0.0)
         acc = _mma(dh.to(LDT), a, acc, PREC, UPCAST)
+        dh_ptrs += BJ
+        a_ptrs += BJ * IN
     tl.store(dx_ptr + rows_t[:, None] * s_dxt + ks[None, :] * s_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=tmask[:, None] & kmask[None, :])
 
@@ -362,7 +344,7 @@ def _grad_x_kernel(dy_ptr, w_ptr, dh_ptr, sa_ptr, ea_ptr, rw_ptr, dx_ptr,
 @triton.autotune(
     configs=_configs([({"BN": bn, "BR": br, "BT": bt}, w, s)
                       for bn, br, bt, w, s in [(128, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 64, 128, 4, 4),
-                                               (256, 32, 64, 8, 3), (64, 32, 128, 4, 4)]],
+                                               (256, 32, 64, 8, 3), (64, 32, 128, 4, 4), (128, 64, 128, 8, 3)]],
                      {"BN": 64, "BR": 64, "BT": 32}),
     key=["T_BUCKET", "OUT", "R"])
 @triton.jit
@@ -372,22 +354,25 @@ def _grad_b_kernel(dy_ptr, hg_ptr, dsb_ptr, deb_ptr,
                    T_BUCKET,
                    LDT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BN: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr):
+    """dB_stack = s dY^T H_g, stored straight into dB_k [out, r_k] and dB_e [E, out, r]."""
     pid_n = tl.program_id(0)
     pid_j = tl.program_id(1)
     ns = pid_n * BN + tl.arange(0, BN)
     nmask = ns < OUT
     js = pid_j * BR + tl.arange(0, BR)
     jmask = js < R
+    tt = tl.arange(0, BT)
 
+    dy_ptrs = dy_ptr + tt[None, :].to(tl.int64) * s_dyt + ns[:, None] * s_dyn    # dY^T tile [BN, BT]
+    h_ptrs = hg_ptr + tt[:, None].to(tl.int64) * R + js[None, :]
     acc = tl.zeros((BN, BR), dtype=tl.float32)
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        tsl = ts.to(tl.int64)
-        tm = ts < T
-        dyt = tl.load(dy_ptr + tsl[None, :] * s_dyt + ns[:, None] * s_dyn,
-                      mask=tm[None, :] & nmask[:, None], other=0.0)
-        hg = tl.load(hg_ptr + tsl[:, None] * R + js[None, :], mask=tm[:, None] & jmask[None, :], other=0.0)
+        tm = (t0 + tt) < T
+        dyt = tl.load(dy_ptrs, mask=tm[None, :] & nmask[:, None], other=0.0)
+        hg = tl.load(h_ptrs, mask=tm[:, None] & jmask[None, :], other=0.0)
         acc = _mma(dyt.to(LDT), hg.to(LDT), acc, PREC, UPCAST)
+        dy_ptrs += BT * s_dyt
+        h_ptrs += BT * R
     acc = acc * scaling
     is_s = js < RK
     is_e = (js >= RK) & jmask
@@ -404,7 +389,7 @@ def _grad_b_kernel(dy_ptr, hg_ptr, dsb_ptr, deb_ptr,
 @triton.autotune(
     configs=_configs([({"BJ": bj, "BK": bk, "BT": bt}, w, s)
                       for bj, bk, bt, w, s in [(64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4),
-                                               (32, 256, 64, 8, 3), (64, 256, 32, 8, 3)]],
+                                               (32, 256, 64, 8, 3), (64, 256, 32, 8, 3), (128, 128, 64, 8, 3)]],
                      {"BJ": 64, "BK": 64, "BT": 32}),
     key=["T_BUCKET", "IN", "R", "NE"])
 @triton.jit
@@ -414,21 +399,25 @@ def _grad_a_kernel(dh_ptr, x_ptr, dsa_ptr, dea_ptr, drw_ptr,
                    T_BUCKET,
                    LDT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BJ: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    """d[A_stack; W_r] = [dH, dlogits]^T X, stored straight into dA_k, dA_e and dW_r."""
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     js = pid_j * BJ + tl.arange(0, BJ)
     ks = pid_k * BK + tl.arange(0, BK)
     kmask = ks < IN
     DH_W = R + NE
+    tt = tl.arange(0, BT)
 
+    dh_ptrs = dh_ptr + tt[None, :].to(tl.int64) * DH_W + js[:, None]              # dH_ext^T tile [BJ, BT]
+    x_ptrs = x_ptr + tt[:, None].to(tl.int64) * s_xt + ks[None, :] * s_xk
     acc = tl.zeros((BJ, BK), dtype=tl.float32)
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        tsl = ts.to(tl.int64)
-        tm = ts < T
-        dht = tl.load(dh_ptr + tsl[None, :] * DH_W + js[:, None], mask=tm[None, :] & (js[:, None] < DH_W), other=0.0)
-        x = tl.load(x_ptr + tsl[:, None] * s_xt + ks[None, :] * s_xk, mask=tm[:, None] & kmask[None, :], other=0.0)
+        tm = (t0 + tt) < T
+        dht = tl.load(dh_ptrs, mask=tm[None, :] & (js[:, None] < DH_W), other=0.0)
+        x = tl.load(x_ptrs, mask=tm[:, None] & kmask[None, :], other=0.0)
         acc = _mma(dht.to(LDT), x.to(LDT), acc, PREC, UPCAST)
+        dh_ptrs += BT * DH_W
+        x_ptrs += BT * s_xt
     is_s = js < RK
     is_e = (js >= RK) & (js < R)
     is_r = (js >= R) & (js < DH_W)
@@ -468,7 +457,7 @@ class _Meta:
         self.RK = shared_A.shape[0]
         self.R = self.RK + self.NE * self.RANK
         self.TOPK = int(top_k)
-        self.EP = max(16, triton.next_power_of_2(self.NE))
+        self.EP = max(16, triton.next_power_of_2(self.NE + 1))   # + the shared columns' constant gate
         self.T_BUCKET = _bucket(self.T)
         self.XDT = _tl(x.dtype)
         self.ADT = _tl(expert_A.dtype)
@@ -477,7 +466,24 @@ class _Meta:
         self.UPCAST = INTERPRET
 
 
-def _forward(m, x, weight, bias, rw, rb, sa, sb, ea, eb, scaling):
+def _stack_params(m, router_weight, shared_A, shared_B, expert_A, expert_B):
+    """A_ext = [A_k; A_1..A_E; W_r] [R + E, in] and B_stack^T [R, out], contiguous, adapter dtype.
+
+    A few MB at most (rank-sized); stacking them once per call keeps every
+    hot loop a plain strided GEMM tile load.
+    """
+    adt = expert_A.dtype
+    a_ext = torch.empty(m.R + m.NE, m.IN, dtype=adt, device=expert_A.device)
+    a_ext[:m.RK].copy_(shared_A)
+    a_ext[m.RK:m.R].view(m.NE, m.RANK, m.IN).copy_(expert_A)
+    a_ext[m.R:].copy_(router_weight)
+    b_t = torch.empty(m.R, m.OUT, dtype=adt, device=expert_B.device)
+    b_t[:m.RK].copy_(shared_B.t())
+    b_t[m.RK:].view(m.NE, m.RANK, m.OUT).copy_(expert_B.transpose(1, 2))
+    return a_ext, b_t
+
+
+def _forward(m, x, weight, bias, rw, rb, a_ext, b_t, scaling):
     dev = x.device
     h = _empty((m.T, m.R), torch.float32, dev)
     hg = _empty((m.T, m.R), torch.float32, dev)
@@ -486,42 +492,38 @@ def _forward(m, x, weight, bias, rw, rb, sa, sb, ea, eb, scaling):
     idx = _empty((m.T, m.TOPK), torch.int32, dev)
     grid = lambda meta: (triton.cdiv(m.T, meta["BT"]), triton.cdiv(m.R, meta["BR"]))
     _shrink_route_kernel[grid](
-        x, sa, ea, rw, rb if rb is not None else rw, h, hg, probs, gates, idx,
+        x, a_ext, rw, rb if rb is not None else rw, h, hg, probs, gates, idx,
         m.T, m.IN, m.RK, m.R, m.NE, m.RANK,
-        x.stride(0), x.stride(1), sa.stride(0), sa.stride(1), ea.stride(0), ea.stride(1), ea.stride(2),
-        rw.stride(0), rw.stride(1), m.T_BUCKET,
+        x.stride(0), x.stride(1), rw.stride(0), rw.stride(1), m.T_BUCKET,
         HAS_RB=rb is not None, TOPK=m.TOPK, EP=m.EP, ADT=m.ADT, RDT=m.RDT, PREC=m.PREC, UPCAST=m.UPCAST)
 
     y = _empty((m.T, m.OUT), x.dtype, dev)
     grid = lambda meta: (triton.cdiv(m.T, meta["BT"]) * triton.cdiv(m.OUT, meta["BN"]),)
     _base_expand_kernel[grid](
-        x, weight, bias if bias is not None else weight, hg, sb, eb, y,
-        m.T, m.IN, m.OUT, m.RK, m.R, m.RANK, float(scaling),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), sb.stride(0), sb.stride(1),
-        eb.stride(0), eb.stride(1), eb.stride(2), y.stride(0), y.stride(1), m.T_BUCKET,
+        x, weight, bias if bias is not None else weight, hg, b_t, y,
+        m.T, m.IN, m.OUT, m.R, float(scaling),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1), m.T_BUCKET,
         HAS_BIAS=bias is not None, XDT=m.XDT, LDT=m.ADT, PREC=m.PREC, UPCAST=m.UPCAST)
     return y, h, hg, probs, gates, idx
 
 
-def _grad_h(m, dy, sb, eb, h, probs, gates, idx, scaling):
+def _grad_h(m, dy, b_t, h, probs, gates, idx, scaling):
     dh = _empty((m.T, m.R + m.NE), torch.float32, dy.device)
     grid = lambda meta: (triton.cdiv(m.T, meta["BT"]),)
     _grad_h_kernel[grid](
-        dy, sb, eb, h, probs, gates, idx, dh,
-        m.T, m.OUT, m.RK, m.R, m.NE, m.RANK, float(scaling),
-        dy.stride(0), dy.stride(1), sb.stride(0), sb.stride(1), eb.stride(0), eb.stride(1), eb.stride(2),
+        dy, b_t, h, probs, gates, idx, dh,
+        m.T, m.OUT, m.RK, m.R, m.NE, m.RANK, float(scaling), dy.stride(0), dy.stride(1),
         m.T_BUCKET, TOPK=m.TOPK, EP=m.EP, LDT=m.ADT, PREC=m.PREC, UPCAST=m.UPCAST)
     return dh
 
 
-def _grad_x(m, dy, weight, dh, sa, ea, rw, x_dtype):
+def _grad_x(m, dy, weight, dh, a_ext, x_dtype):
     dx = _empty((m.T, m.IN), x_dtype, dy.device)
     grid = lambda meta: (triton.cdiv(m.T, meta["BT"]) * triton.cdiv(m.IN, meta["BK"]),)
     _grad_x_kernel[grid](
-        dy, weight, dh, sa, ea, rw, dx,
-        m.T, m.IN, m.OUT, m.RK, m.R, m.NE, m.RANK,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), sa.stride(0), sa.stride(1),
-        ea.stride(0), ea.stride(1), ea.stride(2), rw.stride(0), rw.stride(1), dx.stride(0), dx.stride(1),
+        dy, weight, dh, a_ext, dx,
+        m.T, m.IN, m.OUT, m.R + m.NE,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
         m.T_BUCKET, XDT=m.XDT, LDT=m.ADT, PREC=m.PREC, UPCAST=m.UPCAST)
     return dx
 
@@ -555,27 +557,28 @@ class _MixtureLoRATriton(torch.autograd.Function):
     def forward(ctx, x, weight, bias, router_weight, router_bias, shared_A, shared_B, expert_A, expert_B,
                 top_k, scaling):
         m = _Meta(x, weight, router_weight, shared_A, expert_A, top_k)
-        y, h, hg, probs, gates, idx = _forward(m, x, weight, bias, router_weight, router_bias, shared_A,
-                                               shared_B, expert_A, expert_B, scaling)
+        a_ext, b_t = _stack_params(m, router_weight, shared_A, shared_B, expert_A, expert_B)
+        y, h, hg, probs, gates, idx = _forward(m, x, weight, bias, router_weight, router_bias, a_ext, b_t,
+                                               scaling)
         ctx.meta, ctx.scaling = m, scaling
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.has_rb = router_bias is not None
-        ctx.save_for_backward(x, weight, router_weight, shared_A, shared_B, expert_A, expert_B,
+        ctx.save_for_backward(x, weight, router_weight, shared_A, shared_B, expert_A, expert_B, a_ext, b_t,
                               h, hg, probs, gates, idx)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, rw, sa, sb, ea, eb, h, hg, probs, gates, idx = ctx.saved_tensors
+        x, weight, rw, sa, sb, ea, eb, a_ext, b_t, h, hg, probs, gates, idx = ctx.saved_tensors
         m, s = ctx.meta, ctx.scaling
         n_x, n_w, n_b, n_rw, n_rb, n_sa, n_sb, n_ea, n_eb = ctx.needs_input_grad[:9]
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         d_x = d_w = d_b = d_rw = d_rb = d_sa = d_sb = d_ea = d_eb = None
         need_dh = n_x or n_rw or n_rb or n_sa or n_ea
-        dh = _grad_h(m, dy, sb, eb, h, probs, gates, idx, s) if need_dh else None
+        dh = _grad_h(m, dy, b_t, h, probs, gates, idx, s) if need_dh else None
         if n_x:
-            d_x = _grad_x(m, dy, weight, dh, sa, ea, rw, x.dtype)
+            d_x = _grad_x(m, dy, weight, dh, a_ext, x.dtype)
         if n_sb or n_eb:
             d_sb, d_eb = _grad_b(m, dy, hg, sb, eb, s)
         if n_sa or n_ea or n_rw:

@@ -34,7 +34,7 @@ def test_recipes_load(name):
     cfg = load_config(str(RECIPES / f"{name}.yaml"))
     assert isinstance(cfg, RunConfig)
     assert cfg.stage == "all"
-    assert cfg.stage1.epochs == 1
+    assert cfg.stage1.epochs == (3 if name == "demo" else 1)
     assert cfg.to_dict()["adapters"]["top_k"] == cfg.adapters.top_k
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # to_dict round-trips
 
@@ -89,7 +89,7 @@ def test_overrides_parse_types_and_nest():
     assert cfg.adapters.orthogonality == "soft"
     assert cfg.adapters.attn_targets == ["q_proj", "v_proj"]
     assert cfg.model.gradient_checkpointing is True
-    assert cfg.model.tiny.hidden_size == 64 and cfg.model.tiny.num_hidden_layers == 2
+    assert cfg.model.tiny.hidden_size == 64 and cfg.model.tiny.num_hidden_layers == 4  # the rest of tiny kept
     assert cfg.output_dir == "2024"
     assert cfg.stage == 2 and cfg.init_from == "runs/s1"
     assert [(s.path, s.format, s.max_samples) for s in cfg.data.stage2] == [
