@@ -11,11 +11,11 @@ Forward, two kernels:
   2. `_base_expand_kernel`: Y = X W^T (+ b) + s H_g [B_k, B_1..B_E]^T, the
      expand accumulated into the base GEMM's accumulator: one output pass, no
      [E, T, out] tensor and no separate base output to add to.
-Backward, four kernels, from the saved H/H_g (nothing recomputed):
-  3. `_grad_h_kernel`: dH_g = s dY B_stack per token block, the gate's gradient
-     sum_j dH_g H over each expert's columns, dH = dH_g * gate, and the
-     renormalised-top-k + softmax backward to dlogits: writes
-     dH_ext = [dH, dlogits] ([T, R + E] float32).
+Backward, five kernels, from the saved H/H_g (nothing recomputed):
+  3. `_grad_hg_kernel`: dH_g = s dY B_stack ([T, R] float32), then
+     `_gate_router_grad_kernel`: the gate's gradient sum_j dH_g H over each
+     expert's columns, dH = dH_g * gate, and the renormalised-top-k +
+     softmax backward to dlogits: dH_ext = [dH, dlogits] ([T, R + E] float32).
   4. `_grad_x_kernel`: dX = dY W + dH_ext [A_stack; W_r] in one pass over W.
   5. `_grad_b_kernel`: dB_stack = s dY^T H_g, written into dB_k and dB_e.
   6. `_grad_a_kernel`: d[A_stack; W_r] = dH_ext^T X, written into dA_k, dA_e, dW_r.
@@ -233,16 +233,43 @@ def _base_expand_kernel(x_ptr, w_ptr, b_ptr, hg_ptr, bt_ptr, y_ptr,
                       for bt, br, bn, w, s in [(64, 64, 128, 4, 4), (128, 64, 64, 8, 4), (32, 64, 128, 4, 4),
                                                (64, 32, 128, 4, 4), (128, 32, 128, 8, 3), (64, 128, 64, 8, 3)]],
                      {"BT": 32, "BR": 64, "BN": 64}),
-    key=["T_BUCKET", "OUT", "R", "NE"])
+    key=["T_BUCKET", "OUT", "R"])
 @triton.jit
-def _grad_h_kernel(dy_ptr, bt_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr, dh_ptr,
-                   T, OUT, RK, R, NE, RANK, scaling,
-                   s_dyt, s_dyn,
-                   T_BUCKET,
-                   TOPK: tl.constexpr, EP: tl.constexpr, LDT: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
-    """dH_ext = [dH_g * gate, dlogits] for a block of tokens (all R columns, then the router)."""
+def _grad_hg_kernel(dy_ptr, bt_ptr, dhg_ptr, T, OUT, R, scaling, s_dyt, s_dyn, T_BUCKET,
+                    LDT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                    BT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    """dH_g = s dY B_stack for a [BT, BR] block (a reduction over d_out)."""
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    tmask = offs_t < T
+    rows_t = offs_t.to(tl.int64)
+    js = pid_r * BR + tl.arange(0, BR)
+    jmask = js < R
+    nn = tl.arange(0, BN)
+    dy_ptrs = dy_ptr + rows_t[:, None] * s_dyt + nn[None, :] * s_dyn
+    b_ptrs = bt_ptr + js[None, :].to(tl.int64) * OUT + nn[:, None]             # B_stack tile [BN, BR]
+    acc = tl.zeros((BT, BR), dtype=tl.float32)
+    for n0 in range(0, OUT, BN):
+        nm = (n0 + nn) < OUT
+        dy = tl.load(dy_ptrs, mask=tmask[:, None] & nm[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=nm[:, None] & jmask[None, :], other=0.0)
+        acc = _mma(dy.to(LDT), b, acc, PREC, UPCAST)
+        dy_ptrs += BN * s_dyn
+        b_ptrs += BN
+    tl.store(dhg_ptr + rows_t[:, None] * R + js[None, :], acc * scaling, mask=tmask[:, None] & jmask[None, :])
+
+
+@triton.autotune(
+    configs=_configs([({"BT": bt, "BR": br}, w, 1) for bt, br, w in [(32, 64, 4), (64, 64, 4), (32, 128, 4),
+                                                                    (16, 128, 4), (64, 32, 4)]],
+                     {"BT": 32, "BR": 64}),
+    key=["T_BUCKET", "R", "NE"])
+@triton.jit
+def _gate_router_grad_kernel(dhg_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr, dh_ptr,
+                             T, RK, R, NE, RANK, T_BUCKET,
+                             TOPK: tl.constexpr, EP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr):
+    """dH_ext = [dH_g * gate, dlogits]: the gate's gradient, the renormalised top-k and softmax backward."""
     pid_t = tl.program_id(0)
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
@@ -253,31 +280,20 @@ def _grad_h_kernel(dy_ptr, bt_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr, dh_ptr,
     probs = tl.load(probs_ptr + rows_t[:, None] * NE + offs_e[None, :], mask=emask2, other=0.0)
     gates1 = tl.where(offs_e[None, :] == NE, 1.0, gates)
     DH_W = R + NE
-    nn = tl.arange(0, BN)
     rr = tl.arange(0, BR)
 
+    # d gate_e = sum over expert e's columns of dH_g * H (a one-hot matmul, exact in fp32),
+    # and dH = dH_g * gate column by column.
     dgate = tl.zeros((BT, EP), dtype=tl.float32)
     for j0 in range(0, R, BR):
         js = j0 + rr
-        jmask = js < R
-        dy_ptrs = dy_ptr + rows_t[:, None] * s_dyt + nn[None, :] * s_dyn
-        b_ptrs = bt_ptr + js[None, :].to(tl.int64) * OUT + nn[:, None]         # B_stack tile [BN, BR]
-        acc = tl.zeros((BT, BR), dtype=tl.float32)
-        for n0 in range(0, OUT, BN):
-            nm = (n0 + nn) < OUT
-            dy = tl.load(dy_ptrs, mask=tmask[:, None] & nm[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=nm[:, None] & jmask[None, :], other=0.0)
-            acc = _mma(dy.to(LDT), b, acc, PREC, UPCAST)
-            dy_ptrs += BN * s_dyn
-            b_ptrs += BN
-        dhg = acc * scaling
-        hm = tmask[:, None] & jmask[None, :]
-        h = tl.load(h_ptr + rows_t[:, None] * R + js[None, :], mask=hm, other=0.0)
-        # d gate_e = sum over expert e's columns of dH_g * H (exact: one-hot matmul in fp32).
+        m2 = tmask[:, None] & (js < R)[None, :]
+        dhg = tl.load(dhg_ptr + rows_t[:, None] * R + js[None, :], mask=m2, other=0.0)
+        h = tl.load(h_ptr + rows_t[:, None] * R + js[None, :], mask=m2, other=0.0)
         onehot = (_column_expert(js, RK, RANK, NE)[:, None] == offs_e[None, :]).to(tl.float32)
         dgate = tl.dot(dhg * h, onehot, dgate, input_precision="ieee")
         gcol = _gate_columns(gates1, js, RK, RANK, NE, BT, BR)
-        tl.store(dh_ptr + rows_t[:, None] * DH_W + js[None, :], dhg * gcol, mask=hm)
+        tl.store(dh_ptr + rows_t[:, None] * DH_W + js[None, :], dhg * gcol, mask=m2)
 
     # gates = p_sel / sum(p_sel) over the top-k; then the softmax backward.
     sel = tl.zeros((BT, EP), dtype=tl.int32)
@@ -508,12 +524,15 @@ def _forward(m, x, weight, bias, rw, rb, a_ext, b_t, scaling):
 
 
 def _grad_h(m, dy, b_t, h, probs, gates, idx, scaling):
+    dhg = _empty((m.T, m.R), torch.float32, dy.device)
+    grid = lambda meta: (triton.cdiv(m.T, meta["BT"]), triton.cdiv(m.R, meta["BR"]))
+    _grad_hg_kernel[grid](
+        dy, b_t, dhg, m.T, m.OUT, m.R, float(scaling), dy.stride(0), dy.stride(1), m.T_BUCKET,
+        LDT=m.ADT, PREC=m.PREC, UPCAST=m.UPCAST)
     dh = _empty((m.T, m.R + m.NE), torch.float32, dy.device)
     grid = lambda meta: (triton.cdiv(m.T, meta["BT"]),)
-    _grad_h_kernel[grid](
-        dy, b_t, h, probs, gates, idx, dh,
-        m.T, m.OUT, m.RK, m.R, m.NE, m.RANK, float(scaling), dy.stride(0), dy.stride(1),
-        m.T_BUCKET, TOPK=m.TOPK, EP=m.EP, LDT=m.ADT, PREC=m.PREC, UPCAST=m.UPCAST)
+    _gate_router_grad_kernel[grid](
+        dhg, h, probs, gates, idx, dh, m.T, m.RK, m.R, m.NE, m.RANK, m.T_BUCKET, TOPK=m.TOPK, EP=m.EP)
     return dh
 
 

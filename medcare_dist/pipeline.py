@@ -91,7 +91,7 @@ class Pipeline:
         cfg = self.cfg
         sources = {"stage1": [s.__dict__ for s in cfg.data.stage1], "stage2": [s.__dict__ for s in cfg.data.stage2]}
         base_path = Path(cfg.model.path) if cfg.model.path else None
-        needs_demo = base_path is None or any(not v for v in sources.values())
+        needs_demo = base_path is None or any(not sources[s] for s in ("stage1", "stage2") if s in self.steps)
         if needs_demo:
             demo_dir = self.out / "demo_assets"
             if self.rank == 0:
@@ -112,7 +112,7 @@ class Pipeline:
             if base_path is None:
                 base_path = demo_dir / "base_model"
             for stage in ("stage1", "stage2"):
-                if not sources[stage]:
+                if not sources[stage] and stage in self.steps:
                     sources[stage] = [{"path": str(assets.files[f"{stage}_train"]), "format": "messages",
                                        "max_samples": None}]
             self.demo_assets = assets
@@ -144,8 +144,8 @@ class Pipeline:
     def _stage_done(self, stage: str) -> bool:
         return (self.out / stage / "result.json").is_file() and self.cfg.resume
 
-    def _train_stage(self, stage: str, model, stage_cfg, ds_config, measure_orthogonality: bool):
-        dataset, stats, collate = self._dataset(stage)
+    def _train_stage(self, stage: str, data, model, stage_cfg, ds_config, measure_orthogonality: bool):
+        dataset, stats, collate = data
         if self.cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         # The frozen embedding's output carries no grad; without one, ZeRO-3's
@@ -181,11 +181,12 @@ class Pipeline:
     def stage1(self):
         cfg = self.cfg
         ds_config = build_ds_config(cfg, cfg.stage1, self.world, self.dtype)
+        data = self._dataset("stage1")  # bad data stops the run before the model is loaded
         model = load_base_model(self.base_path, self.dtype, cfg.model.attn_implementation, ds_config,
                                 cfg.model.trust_remote_code)
         torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
         add_stage1_adapters(model, cfg.adapters)
-        return self._train_stage("stage1", model, cfg.stage1, ds_config, measure_orthogonality=False)
+        return self._train_stage("stage1", data, model, cfg.stage1, ds_config, measure_orthogonality=False)
 
     def merge(self):
         """TAIA: fold the attention LoRA into the backbone, keep the Knowledge Aggregator apart."""
@@ -217,14 +218,28 @@ class Pipeline:
             raise PipelineError(f"{merged}: not a finished stage-1 output (needs config.json and "
                                 "knowledge_adapters/); run stage=1 first or fix init_from")
         meta = adapter_io.read_adapter_config(merged / "knowledge_adapters")
+        self._check_same_base(merged)
         ds_config = build_ds_config(cfg, cfg.stage2, self.world, self.dtype)
+        data = self._dataset("stage2")
         model = load_base_model(merged, self.dtype, cfg.model.attn_implementation, ds_config,
                                 cfg.model.trust_remote_code)
         adapter_io.check_compatible(model, meta, merged / "knowledge_adapters")
         adapter_io.load_adapters(model, merged / "knowledge_adapters")
         torch.manual_seed(cfg.seed + 1)
         add_stage2_adapters(model, cfg.adapters)
-        return self._train_stage("stage2", model, cfg.stage2, ds_config, measure_orthogonality=True)
+        return self._train_stage("stage2", data, model, cfg.stage2, ds_config, measure_orthogonality=True)
+
+    def _check_same_base(self, merged: Path):
+        """Refuse, before any compute, a stage-1 output built on another base model than the recipe's."""
+        if merged.parent == self.out:
+            return
+        ours = json.loads((self.base_path / "config.json").read_text())
+        theirs = json.loads((merged / "config.json").read_text())
+        diffs = [f"{k}: {theirs.get(k)!r} there vs {ours.get(k)!r} in model.path={self.base_path}"
+                 for k in adapter_io.ARCH_FIELDS if ours.get(k) != theirs.get(k)]
+        if diffs:
+            raise PipelineError(f"init_from={self.cfg.init_from}: its stage-1 output was trained on another base "
+                                "model (" + "; ".join(diffs) + ")")
 
     def final(self):
         target = self.out / "final"
