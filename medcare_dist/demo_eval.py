@@ -1,65 +1,55 @@
-"""Held-out check of a trained model on the embedded demo's eval splits (greedy generation).
+"""Held-out results of a model on the embedded demo's eval splits, for reports and the ablation.
 
-Knowledge (stage-1 tasks): multiple-choice letter accuracy, description -> code
-accuracy, code -> description exact match. Alignment (stage 2, "cdn"): the
-share of answers in the required structured format and the share with the
-right code. A quick report for the demo; the full evaluator is a separate tool.
+Per demo task (generation scored by medcare_dist.eval): multiple-choice and
+description -> code accuracy, code -> description ROUGE-L, and for the stage-2
+"cdn" task the share of answers in the required JSON format and the share with
+the right code; plus the held-out loss, the most sensitive forgetting signal
+on a tiny model.
 """
 
-import json
-import random
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from .demo import parse_code_answer, parse_mcq_answer, parse_stage2_answer
 
+def evaluate_demo(model_dir: Path, assets, batch_size: int = 32) -> dict:
+    """{task: {"score", "metric", "parsed_rate", "n"}} over both held-out splits."""
+    from . import eval as bench
 
-def _score(task: str, row: dict, text: str) -> dict:
-    if task == "mcq":
-        return {"accuracy": float(parse_mcq_answer(text) == row["answer"])}
-    if task == "desc_to_code":
-        return {"accuracy": float(parse_code_answer(text) == row["code"])}
-    if task == "cdn":
-        parsed = parse_stage2_answer(text)
-        return {"format_rate": float(parsed is not None),
-                "accuracy": float(parsed is not None and parsed["code"] == row["code"])}
-    reference = row["messages"][-1]["content"]
-    return {"exact_match": float(text.strip() == reference.strip())}
+    model, tokenizer, device = bench.load_model(model_dir, dtype="fp32", device="cpu")
+    items, _ = bench.load_all([assets.files["stage1_eval"], assets.files["stage2_eval"]])
+    records = bench.evaluate_items(model, tokenizer, items, bench.EvalSettings(scorer="generate",
+                                                                               batch_size=batch_size),
+                                   device=device)
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["type"]].append(r)
+    return {task: {"metric": bench.METRIC_OF_KIND[recs[0]["kind"]], "score": sum(r["score"] for r in recs) / len(recs),
+                   "parsed_rate": sum(r["parsed"] for r in recs) / len(recs), "n": len(recs)}
+            for task, recs in sorted(by_task.items())}
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    tokenizer.padding_side = "left"
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                 for p in prompts[start:start + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
-        outputs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return outputs
+def heldout_loss(model_dir: Path, data_file: Path, max_length: int = 128, batch_size: int = 16) -> float:
+    """Mean assistant-token cross-entropy of a model on a held-out JSONL split.
 
-
-def evaluate_demo(model_dir: Path, assets, per_task: int = 48, max_new_tokens: int = 48, seed: int = 0) -> dict:
-    """{task: {metric: mean, "n": count}} over a fixed sample of each held-out task."""
+    More sensitive than accuracy for measuring forgetting on a tiny model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import collate, load_stage_dataset
+    from .trainer import token_loss_sum
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
-    rows_by_task: dict[str, list] = {}
-    for split in ("stage1_eval", "stage2_eval"):
-        for line in Path(assets.files[split]).read_text().splitlines():
-            row = json.loads(line)
-            rows_by_task.setdefault(row["task"], []).append(row)
-    results = {}
-    rng = random.Random(seed)
-    for task, rows in sorted(rows_by_task.items()):
-        sample = rng.sample(rows, min(per_task, len(rows)))
-        texts = generate(model, tokenizer, [r["messages"][:-1] for r in sample], max_new_tokens)
-        scores = [_score(task, r, t) for r, t in zip(sample, texts)]
-        results[task] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
-        results[task]["n"] = len(scores)
-    return results
+    dataset, _ = load_stage_dataset([{"path": str(data_file), "format": "auto", "max_samples": None}], tokenizer,
+                                    max_length)
+    total, tokens = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                        tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += float(token_loss_sum(logits, batch["labels"]))
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+    return total / max(tokens, 1)

@@ -21,7 +21,7 @@ import random
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,7 @@ MULTI_TYPE = re.compile(r"多选|多项|不定项|多个正确|multi[-_ ]?(?:ans
                         re.I)
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
-DEFAULT_MAX_NEW_TOKENS = {"mcq": 32, "exact": 48, "set": 128, "text": 256}
+DEFAULT_MAX_NEW_TOKENS = {"mcq": 32, "exact": 48, "set": 128, "text": 128}
 INSTRUCTIONS = {
     ("en", False): 'Answer with the letter of the correct option, in the form "The answer is X".',
     ("en", True): 'More than one option may be correct. Answer with the letters of all correct options, '
@@ -654,17 +654,10 @@ def _pad_left(seqs, pad_id):
     return ids, mask
 
 
-def _batches(order, lengths, batch_size, max_tokens=None):
-    """Consecutive chunks of `order` (sorted longest first) of at most batch_size rows / max_tokens padded tokens."""
-    batch = []
-    for i in order:
-        if batch and (len(batch) >= batch_size or
-                      (max_tokens and lengths[batch[0]] * (len(batch) + 1) > max_tokens)):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
+def _batches(order, batch_size):
+    """Consecutive chunks of at most batch_size of `order` (sorted longest first, so padding stays small)."""
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
 
 
 def loglikelihoods(model, tokenizer, requests, batch_size: int = 8, max_length: int | None = None,
@@ -694,7 +687,7 @@ def loglikelihoods(model, tokenizer, requests, batch_size: int = 8, max_length: 
     out = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     with torch.inference_mode():
-        for batch in _batches(order, [len(s) for s in seqs], batch_size):
+        for batch in _batches(order, batch_size):
             ids, mask = _pad_left([seqs[i] for i in batch], pad_id)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             keep = max(conts[i] for i in batch) + 1
@@ -732,7 +725,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 8
     out = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     with torch.inference_mode():
-        for batch in _batches(order, [len(s) for s in seqs], batch_size):
+        for batch in _batches(order, batch_size):
             ids, mask = _pad_left([seqs[i] for i in batch], pad_id)
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             new = gen[:, ids.shape[1]:].cpu()
@@ -863,6 +856,14 @@ def aggregate(records, skipped=None) -> list:
             continue  # one type only: its row would repeat the file's
         rows.append({"file": f, "type": t, "scorer": s, **_group_stats(recs),
                      **({"skipped_rows": len(skipped.get(f, []))} if skipped and t == "all" else {})})
+    # Several files scored alike: their unweighted mean (the paper's "average over benchmarks").
+    for s in sorted({r["scorer"] for r in records}):
+        per_file = [r for r in rows if r["type"] == "all" and r["scorer"] == s]
+        if len(per_file) > 1 and all(r["score"] is not None for r in per_file) and \
+                len({r["metric"] for r in per_file}) == 1:
+            rows.append({"file": "ALL", "type": "mean over files", "scorer": s, "metric": per_file[0]["metric"],
+                         "n": sum(r["n"] for r in per_file), "unparsed": sum(r["unparsed"] for r in per_file),
+                         "score": sum(r["score"] for r in per_file) / len(per_file)})
     return rows
 
 
@@ -870,7 +871,8 @@ def markdown_table(rows) -> str:
     out = ["| file | type | scorer | metric | n | score | unparsed |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         score = "—" if r["score"] is None else f"{100 * r['score']:.2f}"
-        out.append(f"| {Path(r['file']).name if r['type'] == 'all' else ''} | {r['type']} | {r['scorer']} | "
+        name = Path(r["file"]).name if r["type"] in ("all", "mean over files") else ""
+        out.append(f"| {name} | {r['type']} | {r['scorer']} | "
                    f"{r['metric']} | {r['n']} | {score} | {r['unparsed']} |")
     return "\n".join(out) + "\n"
 
@@ -986,12 +988,15 @@ def load_all(files, *, kind=None, index_base="auto", instruction=None, on_bad_ro
 
 
 def run_eval(model, tokenizer, files, settings: EvalSettings | None = None, output=None, *, rank=0, world=1,
-             device=None, load_kw=None, show_progress=True, meta=None):
-    """Evaluate `files` with the already loaded model; rank 0 returns (and writes) the results dict."""
+             device=None, load_kw=None, show_progress=True, meta=None, loaded=None):
+    """Evaluate `files` with the already loaded model; rank 0 returns (and writes) the results dict.
+
+    `loaded`: the (items, skipped) of `load_all(files, **load_kw)` when already read.
+    """
     from tqdm import tqdm
 
     settings = settings or EvalSettings()
-    items, skipped = load_all(files, **(load_kw or {}))
+    items, skipped = loaded if loaded is not None else load_all(files, **(load_kw or {}))
     shard = items[rank::world]
     t0 = time.perf_counter()
     bar = tqdm(total=work_units(shard, settings), desc=f"eval ({world} rank{'s' if world > 1 else ''})",
@@ -1072,7 +1077,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def run_cli(argv=None):
+    """The command line's work; returns the results dict on rank 0 (None on other ranks)."""
+    from .adapter_io import AdapterCheckpointError
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.local_rank is not None:
@@ -1097,17 +1105,20 @@ def main(argv=None):
         # Read every file before loading a model: a bad row fails in a second, not after minutes.
         load_kw = dict(kind=args.kind, index_base=args.index_base, instruction=args.instruction,
                        on_bad_row=args.on_bad_row, limit=args.limit, sample_seed=args.sample_seed)
-        load_all(files, **load_kw)
+        loaded = load_all(files, **load_kw)
         rank, world = setup_distributed()
         model, tokenizer, device = load_model(model_dir, adapters, args.dtype, args.device, not args.no_merge)
         settings = EvalSettings(scorer=args.scorer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                 max_length=args.max_length, answer_prefix=args.answer_prefix,
                                 loglik_target=args.loglik_target, multi_select=args.multi_select,
-                                multi_threshold=args.multi_threshold)
+                                multi_threshold=args.multi_threshold,
+                                extra={"limit": args.limit, "sample_seed": args.sample_seed, "kind": args.kind,
+                                       "index_base": args.index_base, "dtype": args.dtype,
+                                       "merged_adapters": bool(adapters) and not args.no_merge})
         meta = {"model": str(model_dir), "adapters": str(adapters) if adapters else None}
         result = run_eval(model, tokenizer, files, settings, output or "eval_results", rank=rank, world=world,
-                          device=device, load_kw=load_kw, show_progress=not args.quiet, meta=meta)
-    except BenchmarkError as e:
+                          device=device, show_progress=not args.quiet, meta=meta, loaded=loaded)
+    except (BenchmarkError, AdapterCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if result is not None:
@@ -1116,5 +1127,10 @@ def main(argv=None):
     return result
 
 
+def main(argv=None) -> int:
+    run_cli(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -245,13 +245,11 @@ class Pipeline:
         target = self.out / "final"
         merged = self._stage1_dir() / "merged_base"
         if self.rank == 0 and not (target / "config.json").is_file():
-            tmp = self.out / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+            from .export import save_plain_hf
+
             model = load_base_model(merged, self.dtype, "sdpa", None, self.cfg.model.trust_remote_code)
             adapter_io.load_adapters(model, self.out / "stage2" / "adapters")
-            merge_all(model).save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            _publish_dir(tmp, target)
+            save_plain_hf(merge_all(model), target, tokenizer=self.tokenizer)
             log.info("final: every adapter folded -> %s (a plain Hugging Face model)", target)
         barrier()
 

@@ -108,11 +108,11 @@ def _markdown(report: dict, plots) -> str:
               f"{report['throughput']['tokens']} tokens; wall time {report['wall_seconds']:.0f} s.", "",
               f"Final model: `{report['final_model_dir']}`", ""]
     if "eval" in report:
-        lines += ["## Held-out evaluation (embedded demo)", "", "| task | metric | value | n |", "|---|---|---|---|"]
+        lines += ["## Held-out evaluation (embedded demo, greedy generation)", "",
+                  "| task | metric | score | answers in the expected format | n |", "|---|---|---|---|---|"]
         for task, res in report["eval"].items():
-            for metric, value in res.items():
-                if metric != "n":
-                    lines.append(f"| {task} | {metric} | {_fmt(value, '.3f')} | {res.get('n', '-')} |")
+            lines.append(f"| {task} | {res['metric']} | {_fmt(res['score'], '.3f')} | "
+                         f"{_fmt(res['parsed_rate'], '.3f')} | {res['n']} |")
         lines.append("")
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]

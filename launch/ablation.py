@@ -1,0 +1,147 @@
+"""Ablation of the method on the embedded data: stage 1 only vs stage 2 with hard / soft / no orthogonality.
+
+Reports, per variant and over seeds (mean and spread), knowledge-task results on
+the stage-1 held-out split (held-out loss: the forgetting signal; accuracies)
+and alignment-task results on the stage-2 held-out split (loss, format rate,
+code accuracy). Usage: python launch/ablation.py --recipe launch/recipes/ablation.yaml
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = [("knowledge_loss", "knowledge held-out loss", "lower"), ("mcq_acc", "MCQ accuracy", "higher"),
+           ("desc_to_code_acc", "description->code accuracy", "higher"),
+           ("alignment_loss", "alignment held-out loss", "lower"), ("cdn_format", "CDN format rate", "higher"),
+           ("cdn_acc", "CDN code accuracy", "higher")]
+
+
+def train(recipe: Path, args: list[str]):
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--recipe", str(recipe), *args,
+           "logging.progress_bar=false", "logging.tensorboard=false"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def merged_stage1_model(stage1_dir: Path) -> Path:
+    """(a): the stage-1 model after the TAIA merge with its Knowledge Aggregator folded in."""
+    from medcare_dist.adapter_io import load_adapters
+    from medcare_dist.injection import merge_all
+    from medcare_dist.modeling import load_base_model
+
+    out = stage1_dir / "stage1_merged"
+    if not (out / "config.json").is_file():
+        model = load_base_model(stage1_dir / "merged_base", "fp32", "sdpa")
+        load_adapters(model, stage1_dir / "merged_base" / "knowledge_adapters")
+        merge_all(model).save_pretrained(out)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(stage1_dir / "merged_base")).save_pretrained(out)
+    return out
+
+
+def evaluate(model_dir: Path, assets) -> dict:
+    from medcare_dist.demo_eval import evaluate_demo, heldout_loss
+
+    acc = evaluate_demo(model_dir, assets)
+    return {"knowledge_loss": heldout_loss(model_dir, assets.files["stage1_eval"]),
+            "alignment_loss": heldout_loss(model_dir, assets.files["stage2_eval"]),
+            "mcq_acc": acc["mcq"]["score"], "desc_to_code_acc": acc["desc_to_code"]["score"],
+            "cdn_format": acc["cdn"]["parsed_rate"], "cdn_acc": acc["cdn"]["score"]}
+
+
+def summarise(results: dict) -> dict:
+    out = {}
+    for variant, per_seed in results.items():
+        out[variant] = {}
+        for key, _, _ in METRICS:
+            vals = [r[key] for r in per_seed.values()]
+            out[variant][key] = {"mean": statistics.fmean(vals),
+                                 "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
+    return out
+
+
+def write_markdown(summary: dict, spec: dict, path: Path, png: str):
+    lines = ["# Ablation on the embedded ICD-10-CM data", "",
+             f"Seeds {spec['seeds']}; base recipe `{spec['base_recipe']}`; overrides {spec.get('overrides') or []}. "
+             "Mean ± standard deviation over seeds.", "",
+             "| variant | " + " | ".join(f"{label} ({better} is better)" for _, label, better in METRICS) + " |",
+             "|---|" + "---|" * len(METRICS)]
+    for variant, res in summary.items():
+        cells = [f"{res[k]['mean']:.3f} ± {res[k]['std']:.3f}" for k, _, _ in METRICS]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", f"![ablation]({png})", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(summary: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, (key, title) in zip(axes, [("knowledge_loss", "knowledge held-out loss (forgetting)"),
+                                       ("alignment_loss", "alignment held-out loss")]):
+        means = [summary[v][key]["mean"] for v in variants]
+        stds = [summary[v][key]["std"] for v in variants]
+        ax.bar(range(len(variants)), means, yerr=stds, capsize=4, color="#4c78a8")
+        for i, v in enumerate(variants):
+            ax.scatter([i] * len(summary[v][key]["values"]), summary[v][key]["values"], color="k", s=10, zorder=3)
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels(variants, rotation=15)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--recipe", default=str(REPO / "launch" / "recipes" / "ablation.yaml"))
+    p.add_argument("--seeds", type=int, nargs="*", help="override the recipe's seeds")
+    args = p.parse_args(argv)
+    spec = yaml.safe_load(Path(args.recipe).read_text())
+    unknown = set(spec) - {"base_recipe", "output_dir", "seeds", "overrides", "variants"}
+    if unknown:
+        raise SystemExit(f"{args.recipe}: unknown keys {sorted(unknown)}")
+    if args.seeds:
+        spec["seeds"] = args.seeds
+    base = REPO / spec["base_recipe"]
+    out = Path(spec["output_dir"])
+    common = list(spec.get("overrides") or [])
+    results: dict = {v: {} for v in spec["variants"]}
+    for seed in spec["seeds"]:
+        s1 = (out / f"seed{seed}" / "stage1").resolve()
+        train(base, [f"output_dir={s1}", "stage=1", f"seed={seed}", *common])
+        from medcare_dist.demo import prepare_demo
+
+        assets = prepare_demo(s1 / "demo_assets")
+        for variant, extra in spec["variants"].items():
+            if extra is None:
+                model_dir = merged_stage1_model(s1)
+            else:
+                run = (out / f"seed{seed}" / variant).resolve()
+                train(base, [f"output_dir={run}", "stage=2", f"init_from={s1}", f"seed={seed}",
+                             f"model.path={s1 / 'demo_assets' / 'base_model'}",
+                             f"data.stage2=[{assets.files['stage2_train']}]", *common, *extra])
+                model_dir = run / "final"
+            results[variant][seed] = evaluate(model_dir, assets)
+            print(variant, seed, json.dumps(results[variant][seed]), flush=True)
+    summary = summarise(results)
+    (out / "ablation.json").write_text(json.dumps({"spec": spec, "results": results, "summary": summary}, indent=1))
+    plot(summary, out / "ablation.png")
+    write_markdown(summary, spec, out / "ablation.md", "ablation.png")
+    print((out / "ablation.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
