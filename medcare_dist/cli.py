@@ -18,6 +18,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from .preemption import install
+
+    install()  # a preemption signal during start-up must not kill a rank (SIGUSR1's default action)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     import warnings

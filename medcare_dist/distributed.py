@@ -24,7 +24,8 @@ def init_distributed(timeout_s: int = 1800):
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=True, verbose=False, timeout=timedelta(seconds=timeout_s))
+                                   auto_mpi_discovery=True, verbose=False, timeout=timedelta(seconds=timeout_s),
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     return dist.get_rank(), dist.get_world_size()
 
 

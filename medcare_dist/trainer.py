@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import preemption
 from .distributed import all_reduce_sum, barrier
 from .injection import last_penalty_total, pop_expert_counts, set_penalty_grad_scale
 from .orthogonal import orthogonality_residual
@@ -200,6 +201,7 @@ class StageTrainer:
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.name, dynamic_ncols=True,
                    disable=self.rank != 0 or not self.logging_cfg.progress_bar)
         engine.train()
+        preemption.install()  # SIGUSR1/SIGTERM -> checkpoint at the next optimizer step, exit 75
         t_stage = time.perf_counter()
         window_tokens, window_t = 0, time.perf_counter()
         for step in range(self.start_step, self.total_steps):
@@ -218,7 +220,11 @@ class StageTrainer:
                 engine.step()
                 loss_sum += micro_loss.detach()
                 step_tokens += int(batch["attention_mask"].sum())
-            totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(step_tokens), device=self.device)]))
+            # One all-reduce for the step's loss, tokens and the preemption flag (all ranks agree on stopping).
+            flag = torch.tensor(float(preemption.local_flag()), device=self.device)
+            totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(step_tokens), device=self.device),
+                                                 flag]))
+            preempted = totals[2].item() > 0 and step + 1 < self.total_steps
             loss = totals[0].item() / n_global
             tokens = int(totals[1].item())
             res.tokens += tokens
@@ -241,10 +247,14 @@ class StageTrainer:
                 self._log(step + 1, loss, lr, grad_norm, tps)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
-            if self.cfg.save_every and (step + 1) % self.cfg.save_every == 0 and step + 1 < self.total_steps:
+            periodic = self.cfg.save_every and (step + 1) % self.cfg.save_every == 0
+            if (periodic or preempted) and step + 1 < self.total_steps:
                 res.seconds += time.perf_counter() - t_stage
                 t_stage = time.perf_counter()
                 self._save(step + 1)
+            if preempted:
+                bar.close()
+                preemption.exit_for_requeue(f"{self.name}: checkpoint at step {step + 1} after a preemption signal")
             injected_failure(self.name, step + 1, self.rank)
         bar.close()
         res.seconds += time.perf_counter() - t_stage
