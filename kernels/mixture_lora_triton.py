@@ -65,6 +65,23 @@ def _configs(space, interp):
     return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in space]
 
 
+_SMEM_LIMIT = 220 * 1024          # H100/H200: 227 KB of shared memory per block
+
+
+def _smem_prune(per_stage, *operands):
+    """`early_config_prune` dropping configs whose pipelined tiles overflow shared memory.
+
+    per_stage(meta, esize) -> bytes of one pipeline stage, esize the widest
+    element size among the named operand tensors (4 for float32 inputs).
+    """
+    def prune(configs, named_args, **kwargs):
+        esize = max(named_args[n].element_size() for n in operands)
+        cost = [c.num_stages * per_stage(c.kwargs, esize) for c in configs]
+        kept = [c for c, b in zip(configs, cost) if b <= _SMEM_LIMIT]
+        return kept or [configs[cost.index(min(cost))]]
+    return {"early_config_prune": prune}
+
+
 # ---------------------------------------------------------------- jit helpers
 
 @triton.jit
@@ -105,9 +122,12 @@ def _swizzle(pid, n_m, n_n, GROUP: tl.constexpr):
 @triton.autotune(
     configs=_configs([({"BT": bt, "BR": br, "BK": bk}, w, s)
                       for bt, br, bk, w, s in [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 32, 128, 4, 3),
-                                               (128, 32, 64, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3)]],
+                                               (128, 32, 64, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3),
+                                               (64, 64, 32, 4, 4), (128, 64, 32, 8, 4)]],
                      {"BT": 32, "BR": 64, "BK": 64}),
-    key=["T_BUCKET", "IN", "R", "NE"])
+    key=["T_BUCKET", "IN", "R", "NE"],
+    prune_configs_by=_smem_prune(lambda m, e: (m["BT"] * m["BK"] + m["BK"] * m["BR"]) * e + m["BK"] * 64,
+                                 "x_ptr", "a_ptr"))
 @triton.jit
 def _shrink_route_kernel(x_ptr, a_ptr, rw_ptr, rb_ptr, h_ptr, hg_ptr, probs_ptr, gates_ptr, idx_ptr,
                          T, IN, RK, R, NE, RANK,
@@ -177,11 +197,12 @@ def _shrink_route_kernel(x_ptr, a_ptr, rw_ptr, rb_ptr, h_ptr, hg_ptr, probs_ptr,
 @triton.autotune(
     configs=_configs([({"BT": bt, "BN": bn, "BK": bk, "BR": br, "GROUP": 8}, w, s)
                       for bt, bn, bk, br, w, s in [(128, 256, 64, 32, 8, 3), (128, 128, 64, 32, 8, 4),
-                                                   (128, 128, 64, 64, 4, 4), (64, 256, 64, 32, 8, 4),
-                                                   (128, 64, 64, 32, 4, 4), (64, 128, 64, 32, 4, 4),
-                                                   (64, 64, 64, 32, 4, 5), (128, 256, 64, 64, 8, 3)]],
+                                                   (64, 256, 64, 32, 8, 4), (128, 64, 64, 32, 4, 4),
+                                                   (64, 128, 64, 32, 4, 4), (64, 64, 64, 32, 4, 5),
+                                                   (128, 128, 32, 32, 8, 4), (64, 64, 32, 32, 4, 4)]],
                      {"BT": 32, "BN": 64, "BK": 64, "BR": 64, "GROUP": 8}),
-    key=["T_BUCKET", "IN", "OUT", "R"])
+    key=["T_BUCKET", "IN", "OUT", "R"],
+    prune_configs_by=_smem_prune(lambda m, e: (m["BT"] * m["BK"] + m["BK"] * m["BN"]) * e, "x_ptr", "w_ptr"))
 @triton.jit
 def _base_expand_kernel(x_ptr, w_ptr, b_ptr, hg_ptr, bt_ptr, y_ptr,
                         T, IN, OUT, R, scaling,
@@ -231,9 +252,11 @@ def _base_expand_kernel(x_ptr, w_ptr, b_ptr, hg_ptr, bt_ptr, y_ptr,
 @triton.autotune(
     configs=_configs([({"BT": bt, "BR": br, "BN": bn}, w, s)
                       for bt, br, bn, w, s in [(64, 64, 128, 4, 4), (128, 64, 64, 8, 4), (32, 64, 128, 4, 4),
-                                               (64, 32, 128, 4, 4), (128, 32, 128, 8, 3), (64, 128, 64, 8, 3)]],
+                                               (64, 32, 128, 4, 4), (128, 32, 128, 8, 3), (64, 128, 64, 8, 3),
+                                               (128, 64, 32, 8, 4), (64, 64, 32, 4, 4)]],
                      {"BT": 32, "BR": 64, "BN": 64}),
-    key=["T_BUCKET", "OUT", "R"])
+    key=["T_BUCKET", "OUT", "R"],
+    prune_configs_by=_smem_prune(lambda m, e: (m["BT"] * m["BN"] + m["BN"] * m["BR"]) * e, "dy_ptr", "bt_ptr"))
 @triton.jit
 def _grad_hg_kernel(dy_ptr, bt_ptr, dhg_ptr, T, OUT, R, scaling, s_dyt, s_dyn, T_BUCKET,
                     LDT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -261,8 +284,8 @@ def _grad_hg_kernel(dy_ptr, bt_ptr, dhg_ptr, T, OUT, R, scaling, s_dyt, s_dyn, T
 
 
 @triton.autotune(
-    configs=_configs([({"BT": bt, "BR": br}, w, 1) for bt, br, w in [(32, 64, 4), (64, 64, 4), (32, 128, 4),
-                                                                    (16, 128, 4), (64, 32, 4)]],
+    configs=_configs([({"BT": bt, "BR": br}, w, 1) for bt, br, w in [(16, 64, 4), (32, 64, 4), (64, 64, 8),
+                                                                    (32, 128, 8), (64, 32, 4)]],
                      {"BT": 32, "BR": 64}),
     key=["T_BUCKET", "R", "NE"])
 @triton.jit
@@ -273,7 +296,7 @@ def _gate_router_grad_kernel(dhg_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr, dh_p
     pid_t = tl.program_id(0)
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
-    rows_t = offs_t.to(tl.int64)
+    rows_t = offs_t                     # T * (R + E) < 2**31
     offs_e = tl.arange(0, EP)
     emask2 = tmask[:, None] & (offs_e[None, :] < NE)
     gates = tl.load(gates_ptr + rows_t[:, None] * NE + offs_e[None, :], mask=emask2, other=0.0)
@@ -311,11 +334,12 @@ def _gate_router_grad_kernel(dhg_ptr, h_ptr, probs_ptr, gates_ptr, idx_ptr, dh_p
 @triton.autotune(
     configs=_configs([({"BT": bt, "BK": bk, "BN": bn, "BJ": bj, "GROUP": 8}, w, s)
                       for bt, bk, bn, bj, w, s in [(128, 256, 64, 32, 8, 3), (128, 128, 64, 32, 8, 4),
-                                                   (128, 128, 64, 64, 4, 4), (64, 256, 64, 32, 8, 4),
-                                                   (128, 64, 64, 32, 4, 4), (64, 128, 64, 32, 4, 4),
-                                                   (64, 64, 64, 32, 4, 5), (128, 256, 64, 64, 8, 3)]],
+                                                   (64, 256, 64, 32, 8, 4), (128, 64, 64, 32, 4, 4),
+                                                   (64, 128, 64, 32, 4, 4), (64, 64, 64, 32, 4, 5),
+                                                   (128, 128, 32, 32, 8, 4), (64, 64, 32, 32, 4, 4)]],
                      {"BT": 32, "BK": 64, "BN": 64, "BJ": 64, "GROUP": 8}),
-    key=["T_BUCKET", "IN", "OUT", "DH_W"])
+    key=["T_BUCKET", "IN", "OUT", "DH_W"],
+    prune_configs_by=_smem_prune(lambda m, e: (m["BT"] * m["BN"] + m["BN"] * m["BK"]) * e, "dy_ptr", "w_ptr"))
 @triton.jit
 def _grad_x_kernel(dy_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr,
                    T, IN, OUT, DH_W,
@@ -359,10 +383,11 @@ def _grad_x_kernel(dy_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr,
 
 @triton.autotune(
     configs=_configs([({"BN": bn, "BR": br, "BT": bt}, w, s)
-                      for bn, br, bt, w, s in [(128, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 64, 128, 4, 4),
-                                               (256, 32, 64, 8, 3), (64, 32, 128, 4, 4), (128, 64, 128, 8, 3)]],
+                      for bn, br, bt, w, s in [(128, 32, 64, 4, 4), (256, 32, 64, 8, 3), (64, 32, 128, 4, 4),
+                                               (128, 64, 128, 8, 3), (128, 64, 32, 8, 4), (64, 32, 32, 4, 4)]],
                      {"BN": 64, "BR": 64, "BT": 32}),
-    key=["T_BUCKET", "OUT", "R"])
+    key=["T_BUCKET", "OUT", "R"],
+    prune_configs_by=_smem_prune(lambda m, e: m["BN"] * m["BT"] * e + m["BT"] * m["BR"] * 4, "dy_ptr", "dsb_ptr"))
 @triton.jit
 def _grad_b_kernel(dy_ptr, hg_ptr, dsb_ptr, deb_ptr,
                    T, OUT, RK, R, RANK, scaling,
@@ -404,10 +429,11 @@ def _grad_b_kernel(dy_ptr, hg_ptr, dsb_ptr, deb_ptr,
 
 @triton.autotune(
     configs=_configs([({"BJ": bj, "BK": bk, "BT": bt}, w, s)
-                      for bj, bk, bt, w, s in [(64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4),
-                                               (32, 256, 64, 8, 3), (64, 256, 32, 8, 3), (128, 128, 64, 8, 3)]],
+                      for bj, bk, bt, w, s in [(64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (32, 256, 64, 8, 3),
+                                               (64, 256, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 32, 8, 4)]],
                      {"BJ": 64, "BK": 64, "BT": 32}),
-    key=["T_BUCKET", "IN", "R", "NE"])
+    key=["T_BUCKET", "IN", "R", "NE"],
+    prune_configs_by=_smem_prune(lambda m, e: m["BJ"] * m["BT"] * 4 + m["BT"] * m["BK"] * e, "x_ptr", "dsa_ptr"))
 @triton.jit
 def _grad_a_kernel(dh_ptr, x_ptr, dsa_ptr, dea_ptr, drw_ptr,
                    T, IN, RK, R, NE, RANK,

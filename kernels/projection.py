@@ -17,27 +17,26 @@ def orthonormal_basis(knowledge_A, rtol=None):
     From a rank-revealing SVD, so nearly dependent or rank-deficient rows
     yield a basis of the numerical row space only (singular values below
     rtol * the largest are dropped; rtol defaults to max(shape) * eps of the
-    input's dtype).
+    SVD's float64 (CPU) or float32 (GPU) arithmetic).
     """
     a = knowledge_A.detach().to(torch.float64 if knowledge_A.device.type == "cpu" else torch.float32)
     _, s, vh = torch.linalg.svd(a, full_matrices=False)
     if rtol is None:
-        # The tolerance follows the precision the rows were given in: a row
-        # that is a combination of others up to float32 rounding is dependent,
-        # not a new direction made of rounding noise.
-        eps = max(torch.finfo(a.dtype).eps, torch.finfo(knowledge_A.dtype).eps)
-        rtol = max(a.shape) * eps
+        # The tolerance of the computation, not of the input's dtype: the rows
+        # as stored are what the layer uses, so a direction they span, however
+        # weakly, is projected out too (at worst one extra direction of d_in).
+        rtol = max(a.shape) * torch.finfo(a.dtype).eps
     keep = s > rtol * s.max().clamp_min(torch.finfo(a.dtype).tiny)
     return vh[keep].t().contiguous()
 
 
 def project_out_torch(grad, basis):
     """grad - (grad Q) Q^T for grad [..., d_in] and Q [d_in, r] (PyTorch path)."""
-    cdt = torch.promote_types(grad.dtype, torch.float32)
+    cdt = torch.promote_types(grad.dtype, torch.float32)      # 16-bit grads: project in fp32
     q = basis.to(cdt)
-    if cdt == grad.dtype:
-        return grad - (grad @ q) @ q.t()
-    return (grad.to(cdt) - (grad.to(cdt) @ q) @ q.t()).to(grad.dtype)
+    g = grad.reshape(-1, grad.shape[-1]).to(cdt)
+    out = torch.addmm(g, g @ q, q.t(), alpha=-1)               # G - (G Q) Q^T, one output buffer
+    return out.to(grad.dtype).view(grad.shape)
 
 
 class _ProjectOut(torch.autograd.Function):

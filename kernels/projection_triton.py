@@ -4,12 +4,12 @@ Two kernels (DESIGN.md section 5):
   1. `_mgs_kernel`: one program orthonormalises the r_k rows of A_k by
      modified Gram-Schmidt with one full re-orthogonalisation pass ("twice is
      enough": orthogonal to working precision even for nearly dependent
-     rows), in float64 (it is a few r_k^2 d_in flops, and float64 keeps the
-     basis of nearly dependent float32 rows accurate to float32). A row whose remaining norm falls below
-     rtol * (largest row norm of A_k) is numerically dependent on the rows
-     before it and becomes a zero row of Q, so rank-deficient A_k project
-     onto their true row space only. Q is [r_k, d_in] float64 (tiny), read
-     as float32 by the projection.
+     rows), in float64 (a few r_k^2 d_in flops; float64 keeps the basis of
+     nearly dependent rows accurate). A row whose remaining norm falls below
+     rtol * (largest row norm of A_k), rtol ~ max(r_k, d_in) eps_64, depends
+     on the rows before it and becomes a zero row of Q, so rank-deficient A_k
+     project onto their true row space only. Q is [r_k, d_in] float64 (tiny),
+     read as float32 by the projection.
   2. `_project_kernel`: per block of BM rows of G, P = G_blk Q^T over d_in
      chunks, then G_blk - P Q chunk by chunk, written in G's dtype. Each
      program's block (BM x d_in) is re-read from L2 by the second loop, so G
@@ -40,8 +40,13 @@ def _empty(shape, dtype, device):
 
 
 def default_rtol(knowledge_A):
-    """Relative rank tolerance: max(r_k, d_in) * eps of A_k's dtype (as for an SVD)."""
-    return max(knowledge_A.shape) * torch.finfo(knowledge_A.dtype).eps
+    """Relative rank tolerance of the float64 Gram-Schmidt: 4 max(r_k, d_in) eps_64.
+
+    Relative to the largest row norm. As in `kernels.orthonormal_basis`, the
+    tolerance is the arithmetic's, not the input dtype's: rows as stored span
+    what they span, and projecting out a weak direction costs one dimension.
+    """
+    return 4 * max(knowledge_A.shape) * torch.finfo(torch.float64).eps
 
 
 @triton.jit
@@ -101,10 +106,20 @@ def _project_configs():
         return [triton.Config({"BM": 32, "BD": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BM": bm, "BD": bd}, num_warps=w, num_stages=s)
             for bm, bd, w, s in [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3),
-                                 (16, 512, 8, 2), (64, 64, 4, 4)]]
+                                 (16, 512, 8, 2), (64, 64, 4, 4), (32, 64, 4, 4), (16, 128, 4, 4)]]
 
 
-@triton.autotune(configs=_project_configs(), key=["M_BUCKET", "D", "RKP"])
+def _project_prune(configs, named_args, **kwargs):
+    """Drop configs whose pipelined G and Q tiles overflow shared memory (227 KB on H100/H200)."""
+    esize = named_args["g_ptr"].element_size()
+    rkp = named_args["RKP"] if "RKP" in named_args else kwargs.get("RKP", 64)
+    cost = [c.num_stages * c.kwargs["BD"] * (c.kwargs["BM"] * esize + rkp * 8) for c in configs]
+    kept = [c for c, b in zip(configs, cost) if b <= 220 * 1024]
+    return kept or [configs[cost.index(min(cost))]]
+
+
+@triton.autotune(configs=_project_configs(), key=["M_BUCKET", "D", "RKP"],
+                 prune_configs_by={"early_config_prune": _project_prune})
 @triton.jit
 def _project_kernel(g_ptr, q_ptr, o_ptr, M, D, RK, s_gm, s_gd, s_om, s_od, M_BUCKET,
                     CDT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, RKP: tl.constexpr,
