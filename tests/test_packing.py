@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from medcare_dist.loss import install_chunked_lm_head, lm_loss_from_output
 from medcare_dist.packing import (collate_packed, length_grouped_chunks, pack_batch, padding_stats,
-                                  per_sample_sums, plan_packs, supports_packing)
+                                  per_sample_sums, plan_packs, plan_rows, supports_packing)
 
 VOCAB = 97
 
@@ -58,6 +58,17 @@ def test_plan_packs_fills_rows_first_fit_decreasing():
     assert all(sum([5, 3, 8, 2, 7, 1][i] for i in b) <= 10 for b in bins)
     assert len(bins) == 3  # 26 tokens need at least 3 rows of 10
     assert plan_packs([12, 3], 10) == [[0], [1]]  # an over-long sample gets its own row
+
+
+def test_plan_rows_balances_rows():
+    lengths = [600, 500, 400, 300]  # first-fit decreasing: [600, 400], [500, 300] -> 2 x 1000 slots
+    ffd, rows = plan_packs(lengths, 1024), plan_rows(lengths, 1024)
+    slots = lambda bins: len(bins) * max(sum(lengths[i] for i in b) for b in bins)  # noqa: E731
+    assert slots(ffd) == 2000 and slots(rows) == 1800  # balanced: [600, 300], [500, 400]
+    assert sorted(i for b in rows for i in b) == list(range(4))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in rows)
+    lengths = [900, 120, 100, 90]   # FFD: [900, 120], [100, 90] -> 2 x 1020; balanced: [900], [120, 100, 90]
+    assert slots(plan_packs(lengths, 1024)) == 2040 and slots(plan_rows(lengths, 1024)) == 1800
 
 
 def test_pack_batch_layout():
