@@ -57,6 +57,7 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    loss_chunk_tokens: int = 0  # lm_head rows per loss chunk; 0: auto (64 MiB of fp32 logits on CPU, 1 GiB on GPU)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class DataConfig:
     max_length: int = 3072
     on_bad_row: Literal["error", "skip"] = "error"
     demo_seed: int = 0
+    packing: bool = True  # pack each micro-batch's samples into rows of <= max_length (medcare_dist.packing)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class LoggingConfig:
     tensorboard: bool = True
     keep_last: int = 2
     progress_bar: bool = True
+    peak_tflops: float = 0.0  # one device's peak for MFU; 0: the GPU's dense bf16 peak from a table (none on CPU)
 
 
 @dataclass
@@ -507,6 +510,8 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
              f"{t.num_key_value_heads}")
     if cfg.model.path is not None and not cfg.model.path.strip():
         fail("model.path", "must not be empty (leave it out or null for the embedded demo model)")
+    non_negative("model.loss_chunk_tokens", cfg.model.loss_chunk_tokens)
+    non_negative("logging.peak_tflops", cfg.logging.peak_tflops)
 
     d = cfg.data
     positive("data.max_length", d.max_length)

@@ -26,7 +26,9 @@ from . import adapter_io
 from .config import build_ds_config, resolve_dtype
 from .distributed import barrier, init_distributed
 from .injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
+from .loss import install_chunked_lm_head
 from .modeling import device_type, enable_gradient_checkpointing, load_base_model
+from .packing import collate_packed, supports_packing
 from .orthogonal import orthogonality_residual
 from .trainer import StageResult, StageTrainer
 from .zero import mark_adapter_leaf_modules
@@ -137,7 +139,11 @@ class Pipeline:
                                             self.cfg.data.on_bad_row, self.cfg.seed)
         if self.rank == 0:
             log.info("%s data: %s", stage, json.dumps(stats.to_dict()))
-        pad_id = self.tokenizer.pad_token_id
+        pad_id, max_length = self.tokenizer.pad_token_id, self.cfg.data.max_length
+        if self.cfg.data.packing:
+            # Each micro-batch's samples packed into rows of <= max_length (position_ids restart per sample,
+            # no attention_mask): the same samples and loss tokens, a fraction of the padding.
+            return dataset, stats, (lambda batch: collate_packed(batch, pad_id, max_length, pad_to_multiple_of=8))
         return dataset, stats, (lambda batch: collate(batch, pad_id))
 
     # ----- stages -----------------------------------------------------------
@@ -146,6 +152,13 @@ class Pipeline:
 
     def _train_stage(self, stage: str, data, model, stage_cfg, ds_config, measure_orthogonality: bool):
         dataset, stats, collate = data
+        if self.cfg.data.packing and not supports_packing(model):
+            raise PipelineError(f"data.packing=true needs an attention implementation that reads packed "
+                                f"position_ids (sdpa, eager, flash_attention_2), not "
+                                f"{model.config._attn_implementation!r}; set data.packing=false")
+        # The loss is computed inside the lm_head's forward, a chunk of labelled positions at a time (never
+        # [tokens, vocab] fp32 logits); under ZeRO-3 that module's hooks gather the lm_head weight for it.
+        install_chunked_lm_head(model, self.cfg.model.loss_chunk_tokens or None)
         if self.cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         # The frozen embedding's output carries no grad; without one, ZeRO-3's
