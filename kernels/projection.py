@@ -39,18 +39,23 @@ def project_out_torch(grad, basis):
     return out.to(grad.dtype).view(grad.shape)
 
 
-class _ProjectOut(torch.autograd.Function):
-    """P(G) with P symmetric: the backward is the same projection."""
+class ProjectOut(torch.autograd.Function):
+    """P(G) with P symmetric: the backward is the same projection (no gradient to the basis).
+
+    `project(G, basis)` is the implementation: `project_out_torch` here, the
+    Triton kernel in projection_triton.py.
+    """
 
     @staticmethod
-    def forward(ctx, grad, basis):
+    def forward(ctx, grad, basis, project=project_out_torch):
         ctx.save_for_backward(basis)
-        return project_out_torch(grad, basis)
+        ctx.project = project
+        return project(grad, basis)
 
     @staticmethod
     def backward(ctx, g):
         (basis,) = ctx.saved_tensors
-        return project_out_torch(g, basis), None
+        return ctx.project(g, basis), None, None
 
 
 def project_out_knowledge(grad, knowledge_A=None, basis=None):
@@ -63,4 +68,4 @@ def project_out_knowledge(grad, knowledge_A=None, basis=None):
         return project_out_knowledge_triton(grad, knowledge_A, basis=basis)
     if basis is None:
         basis = orthonormal_basis(knowledge_A)
-    return _ProjectOut.apply(grad, basis)
+    return ProjectOut.apply(grad, basis, project_out_torch)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .projection import ProjectOut
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON = os.environ.get("MEDCARE_KERNELS_POISON", "0") == "1"   # tests: NaN-fill outputs before the kernels
 
@@ -196,20 +198,6 @@ def project_rows(grad, q):
     return out.view(grad.shape)
 
 
-class _ProjectOutTriton(torch.autograd.Function):
-    """P(G) with P symmetric: the backward is the same projection (no gradient to A_k)."""
-
-    @staticmethod
-    def forward(ctx, grad, q):
-        ctx.save_for_backward(q)
-        return project_rows(grad, q)
-
-    @staticmethod
-    def backward(ctx, g):
-        (q,) = ctx.saved_tensors
-        return project_rows(g, q), None
-
-
 def project_out_knowledge_triton(grad, knowledge_A=None, basis=None, rtol=None):
     """grad minus its component in rows(knowledge_A), differentiable in grad (Triton).
 
@@ -222,4 +210,4 @@ def project_out_knowledge_triton(grad, knowledge_A=None, basis=None, rtol=None):
         q = knowledge_rows_basis(knowledge_A, rtol)
     else:
         raise ValueError("pass knowledge_A or basis")
-    return _ProjectOutTriton.apply(grad, q)
+    return ProjectOut.apply(grad, q, project_rows)

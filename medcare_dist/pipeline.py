@@ -95,10 +95,10 @@ class Pipeline:
         base_path = Path(cfg.model.path) if cfg.model.path else None
         needs_demo = base_path is None or any(not sources[s] for s in ("stage1", "stage2") if s in self.steps)
         if needs_demo:
+            from .demo import prepare_demo
+
             demo_dir = self.out / "demo_assets"
             if self.rank == 0:
-                from .demo import prepare_demo
-
                 assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)
                 if base_path is None and not (demo_dir / "base_model" / "config.json").is_file():
                     from .demo_base import build_demo_base
@@ -108,8 +108,6 @@ class Pipeline:
                     build_demo_base(tmp, assets.tokenizer(), cfg.model.tiny, cfg.seed)
                     _publish_dir(tmp, demo_dir / "base_model")
             barrier()
-            from .demo import prepare_demo
-
             assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)  # already built: only reads
             if base_path is None:
                 base_path = demo_dir / "base_model"
