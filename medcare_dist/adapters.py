@@ -16,7 +16,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kernels import fused_mixture_lora, mixture_lora_torch, project_out_knowledge, route_top_k
 from kernels.projection import orthonormal_basis

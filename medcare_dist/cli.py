@@ -35,6 +35,7 @@ def main(argv=None):
     from .data import DataError
     from .adapter_io import AdapterCheckpointError
     from .pipeline import PipelineError, run
+    from .trainer import NonFiniteStepsError
 
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -42,6 +43,9 @@ def main(argv=None):
     except (ConfigError, DataError, AdapterCheckpointError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteStepsError as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,12 @@ class LoggingConfig:
 
 
 @dataclass
+class FaultToleranceConfig:
+    max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before save-and-stop
+    collective_timeout_s: int = 1800  # a collective waiting longer (a dead or hung rank) fails every rank
+
+
+@dataclass
 class RunConfig:
     seed: int = 42
     output_dir: str = "runs/demo"
@@ -141,6 +147,7 @@ class RunConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -566,6 +573,8 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
     lg = cfg.logging
     positive("logging.log_every", lg.log_every)
     positive("logging.keep_last", lg.keep_last)
+    non_negative("fault_tolerance.max_nonfinite_steps", cfg.fault_tolerance.max_nonfinite_steps)
+    positive("fault_tolerance.collective_timeout_s", cfg.fault_tolerance.collective_timeout_s)
 
     try:
         _read_ds_json(cfg.deepspeed.config)

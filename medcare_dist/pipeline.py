@@ -25,12 +25,13 @@ import torch
 from . import adapter_io
 from .config import build_ds_config, resolve_dtype
 from .distributed import barrier, init_distributed
+from .faults import injected_failure
 from .injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
 from .loss import install_chunked_lm_head
 from .modeling import device_type, enable_gradient_checkpointing, load_base_model
 from .packing import collate_packed, supports_packing
 from .orthogonal import orthogonality_residual
-from .trainer import StageResult, StageTrainer
+from .trainer import StageTrainer
 from .zero import mark_adapter_leaf_modules
 
 log = logging.getLogger("medcare_dist")
@@ -65,7 +66,7 @@ def _publish_dir(tmp: Path, final: Path):
 class Pipeline:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(cfg.fault_tolerance.collective_timeout_s)
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             self._check_output_dir()
@@ -165,7 +166,8 @@ class Pipeline:
         model.enable_input_require_grads()
         mark_adapter_leaf_modules(model, ds_config)
         trainer = StageTrainer(stage, model, dataset, collate, stage_cfg, ds_config, self.out / stage, self.rank,
-                               self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.tb)
+                               self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.tb,
+                               self.cfg.fault_tolerance.max_nonfinite_steps)
         if self.cfg.resume:
             trainer.maybe_resume()
         n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -209,6 +211,7 @@ class Pipeline:
             adapter_io.load_adapters(model, self.out / "stage1" / "adapters")
             merge_attention_lora(model)
             adapter_io.save_adapters(model, tmp / "knowledge_adapters", extra={"stage": "merged_base"})
+            injected_failure("merge", 0, self.rank)  # half-written: the rerun must redo the merge
             remove_adapters(model).save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             _publish_dir(tmp, target)

@@ -13,7 +13,6 @@ from step s needs only the engine state, the RNG states and s.
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import preemption
+from .faults import injected_failure, injected_nonfinite, poison
 from .adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
 from .distributed import all_reduce_sum, barrier
 from .injection import last_penalty_total, pop_expert_counts, set_penalty_grad_scale
@@ -30,6 +30,10 @@ from .loss import ChunkedLMHead, lm_loss_from_output
 from .orthogonal import orthogonality_residual
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteStepsError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient; a checkpoint was saved first."""
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
@@ -117,22 +121,6 @@ def device_peak_tflops(device, override: float = 0.0):
     return None
 
 
-def injected_failure(stage: str, step: int, rank: int):
-    """Failure injection for the resume tests: MEDCARE_FAIL_AT=<stage>:<step>[:<rank>].
-
-    The named rank (every rank if omitted) dies with os._exit, as a killed
-    process would: no exception handlers, no clean shutdown.
-    """
-    spec = os.environ.get("MEDCARE_FAIL_AT")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] == stage and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
-        log.error("MEDCARE_FAIL_AT=%s: rank %d exits now", spec, rank)
-        logging.shutdown()
-        os._exit(17)
-
-
 @dataclass
 class StageResult:
     name: str
@@ -145,6 +133,7 @@ class StageResult:
     expert_counts: dict = field(default_factory=dict)   # layer -> [E] tokens routed, summed over ranks
     residuals: list = field(default_factory=list)       # (step, orthogonality residual)
     resumed_from: str | None = None
+    skipped_steps: list = field(default_factory=list)   # (step, reason) of steps whose update was discarded
     model_flops: float = 0.0                            # summed over the stage and the ranks (ModelFlops)
     peak_tflops: float | None = None                    # of one device; MFU is reported when known
     world_size: int = 1
@@ -166,6 +155,7 @@ class StageResult:
             "mfu": (self.model_flops / self.seconds / 1e12 / (self.peak_tflops * self.world_size)
                     if self.seconds > 0 and self.peak_tflops else None),
             "resumed_from": self.resumed_from,
+            "skipped_steps": len(self.skipped_steps),
         }
 
     def to_state(self) -> dict:
@@ -180,7 +170,7 @@ class StageTrainer:
     """Trains the adapter parameters of `model` on `dataset` for one stage."""
 
     def __init__(self, name, model, dataset, collate, stage_cfg, ds_config, out_dir, rank, world_size,
-                 seed, logging_cfg, measure_orthogonality=False, tb_writer=None):
+                 seed, logging_cfg, measure_orthogonality=False, tb_writer=None, max_nonfinite_steps=3):
         import deepspeed
 
         self.name, self.rank, self.world = name, rank, world_size
@@ -194,6 +184,8 @@ class StageTrainer:
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.global_batch = ds_config["train_batch_size"]
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.fp16 = ds_config.get("fp16", {}).get("enabled", False)
 
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -286,6 +278,7 @@ class StageTrainer:
             n_global = max(1.0, counts[0].item())
             loss_sum = torch.zeros((), device=self.device)
             step_tokens = 0
+            injected = injected_nonfinite(self.name, step + 1, self.rank)
             for batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 # Packed batches (medcare_dist.packing) carry position_ids and no attention_mask.
@@ -296,18 +289,26 @@ class StageTrainer:
                     micro_loss = lm_loss_from_output(out)
                 else:
                     micro_loss = token_loss_sum(engine(**inputs).logits, batch["labels"])
+                if injected:
+                    micro_loss = poison(micro_loss, injected)
+                # A non-finite loss must leave a non-finite gradient (an infinite loss can have a finite one):
+                # DeepSpeed then discards the update on every rank, because it checks the all-reduced
+                # gradient norm (in every dtype; tests/test_faults.py holds it to that).
+                guard = torch.where(torch.isfinite(micro_loss.detach()), 1.0, float("nan"))
                 # DeepSpeed divides by grad_accum and averages over ranks; undo both so the
                 # gradient is that of the token mean over the whole global batch.
-                engine.backward(micro_loss * (self.world * self.grad_accum / n_global))
+                engine.backward(micro_loss * guard * (self.world * self.grad_accum / n_global))
                 engine.step()
                 loss_sum += micro_loss.detach()
                 step_tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
-            # One all-reduce for the step's loss, tokens and the preemption flag (all ranks agree on stopping).
-            flag = torch.tensor(float(preemption.local_flag()), device=self.device)
-            totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(step_tokens), device=self.device),
-                                                 flag, torch.tensor(float(local_flops), device=self.device)]))
+            # One all-reduce for the step's loss, tokens, flops and two flags: preemption (all ranks agree on
+            # stopping) and a discarded update (all ranks must agree, or their adapters now differ).
+            local = [loss_sum, step_tokens, preemption.local_flag(), local_flops, not engine.was_step_applied()]
+            totals = all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                                                 for v in local]))
             preempted = totals[2].item() > 0 and step + 1 < self.total_steps
             loss = totals[0].item() / n_global
+            skipped = self._check_skipped(step + 1, loss, int(totals[4].item()))
             tokens = int(totals[1].item())
             res.tokens += tokens
             res.model_flops += totals[3].item()
@@ -317,11 +318,12 @@ class StageTrainer:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             res.steps = step + 1
-            res.losses.append((step + 1, loss))
-            res.lrs.append((step + 1, lr))
-            res.grad_norms.append((step + 1, grad_norm))
+            if not skipped:
+                res.losses.append((step + 1, loss))
+                res.lrs.append((step + 1, lr))
+                res.grad_norms.append((step + 1, grad_norm))
             self._accumulate_expert_counts()
-            log_now = (step + 1) % self.logging_cfg.log_every == 0 or step + 1 == self.total_steps
+            log_now = not skipped and ((step + 1) % self.logging_cfg.log_every == 0 or step + 1 == self.total_steps)
             if self.measure_orthogonality and (log_now or step + 1 == self.total_steps):
                 res.residuals.append((step + 1, orthogonality_residual(self.model)))
             if log_now:
@@ -337,6 +339,10 @@ class StageTrainer:
                 res.seconds += time.perf_counter() - t_stage
                 t_stage = time.perf_counter()
                 self._save(step + 1)
+            streak = self._nonfinite_streak()
+            if streak > self.max_nonfinite_steps:
+                bar.close()
+                self._stop_after_nonfinite(step + 1, streak)
             if preempted:
                 bar.close()
                 preemption.exit_for_requeue(f"{self.name}: checkpoint at step {step + 1} after a preemption signal")
@@ -344,6 +350,48 @@ class StageTrainer:
         bar.close()
         res.seconds += time.perf_counter() - t_stage
         return res
+
+    # ----- numerical faults ---------------------------------------------------
+    def _check_skipped(self, step: int, loss: float, ranks_skipped: int) -> bool:
+        """Whether DeepSpeed discarded this step's update; raises if the ranks disagree or a bad step got through."""
+        if ranks_skipped not in (0, self.world):
+            raise RuntimeError(f"{self.name} step {step}: {ranks_skipped} of {self.world} ranks discarded the "
+                               "optimizer update and the others applied it; their adapters now differ")
+        if ranks_skipped == 0:
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{self.name} step {step}: the loss is {loss} but DeepSpeed applied the update "
+                                   "(this DeepSpeed version no longer skips non-finite gradients)")
+            return False
+        if not math.isfinite(loss):
+            reason = "non-finite loss"
+        elif self.fp16:
+            reason = "fp16 overflow"  # dynamic loss scaling: DeepSpeed lowers the scale and retries
+        else:
+            reason = "non-finite gradient"
+        self.result.skipped_steps.append((step, reason))
+        if self.rank == 0:
+            log.warning("%s step %d/%d: %s (loss %s); the update is discarded on every rank", self.name, step,
+                        self.total_steps, reason, loss)
+        if self.tb is not None:
+            self.tb.add_scalar(f"{self.name}/skipped_steps", len(self.result.skipped_steps), step)
+        return True
+
+    def _nonfinite_streak(self) -> int:
+        """Skipped steps (fp16 overflows aside) in a row, ending at the latest step."""
+        streak, expected = 0, self.result.steps
+        for step, reason in reversed(self.result.skipped_steps):
+            if step != expected or reason == "fp16 overflow":
+                break
+            streak, expected = streak + 1, step - 1
+        return streak
+
+    def _stop_after_nonfinite(self, step: int, streak: int):
+        self._save(step)
+        raise NonFiniteStepsError(
+            f"{self.name}: {streak} optimizer steps in a row ({step - streak + 1}..{step}) had a non-finite loss "
+            f"or gradient, more than fault_tolerance.max_nonfinite_steps={self.max_nonfinite_steps}; none of them "
+            f"changed the adapters. Saved {self.ckpt_root / f'step-{step:07d}'}. Check the data of those steps or "
+            "lower the learning rate, then rerun the same command to resume from it.")
 
     def _accumulate_expert_counts(self):
         counts = pop_expert_counts(self.model)

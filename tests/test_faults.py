@@ -1,0 +1,136 @@
+"""Numerical faults and dead ranks, on real runs broken by the injection switches of medcare_dist.faults.
+
+Fast (one process, a few seconds each): steps with a NaN gradient are discarded, leaving optimizer
+and scheduler exactly as before them; too many in a row save a checkpoint and stop, and the rerun
+resumes from it. Slow (2 ZeRO-3 ranks): a NaN on one rank only is discarded by both; a frozen rank
+on another node makes the job fail within the collective timeout instead of hanging.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, RECIPE, base_env, check, free_port, train_args
+
+from medcare_dist.config import load_config
+from medcare_dist.trainer import lr_lambda
+
+
+def run(tiny_assets, out, env=None, **overrides):
+    return subprocess.run([sys.executable, "launch/train.py", *train_args(tiny_assets, out, **overrides)],
+                          env=base_env(**(env or {})), cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def optimizer_state(out: Path, step: int, rank: int = 0) -> dict:
+    """The tensors of one rank's ZeRO optimizer partition: fp32 master weights, Adam moments and step."""
+    path = out / "stage1" / "checkpoints" / f"step-{step:07d}" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    tensors = {f"fp32/{i}": t for i, t in enumerate(sd["fp32_flat_groups"])}
+    for pid, state in sd["optimizer_state_dict"]["state"].items():
+        tensors.update({f"{pid}/{k}": torch.as_tensor(v) for k, v in state.items()})
+    return tensors
+
+
+def same(a: dict, b: dict) -> bool:
+    assert a.keys() == b.keys()
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def result(out: Path, stage: str = "stage1") -> dict:
+    return json.loads((out / stage / "result.json").read_text())
+
+
+def test_steps_with_a_nonfinite_gradient_leave_no_trace(tiny_assets, tmp_path):
+    # Steps 2 and 3: finite loss, NaN gradient (an overflow in backward).
+    overrides = {"stage": 1, "stage1.save_every": 1, "logging.keep_last": 10}
+    proc = run(tiny_assets, tmp_path, {"MEDCARE_NONFINITE_AT": "stage1:2-3:0:grad"}, **overrides)
+    check(proc, "training with NaN gradients at steps 2-3")
+    assert "stage1 step 2/5: non-finite gradient" in proc.stderr
+    res = result(tmp_path)["result"]
+    assert res["skipped_steps"] == [[2, "non-finite gradient"], [3, "non-finite gradient"]]
+    assert [s for s, _ in res["losses"]] == [1, 4, 5]
+    assert all(math.isfinite(v) for _, v in res["losses"])
+    # Master weights, Adam moments and Adam's step count after step 3 are those after step 1, bit for bit.
+    assert same(optimizer_state(tmp_path, 1), optimizer_state(tmp_path, 3))
+    assert not same(optimizer_state(tmp_path, 3), optimizer_state(tmp_path, 4))
+    # The scheduler did not advance either: after step 4 it has taken two steps.
+    cfg = load_config(str(RECIPE), train_args(tiny_assets, tmp_path, **overrides)[2:])
+    f = lr_lambda(cfg.stage1.lr_scheduler, math.ceil(cfg.stage1.warmup_ratio * 5), 5)
+    lr_after_4 = dict(res["lrs"])[4]
+    assert lr_after_4 == pytest.approx(cfg.stage1.lr * f(2), rel=1e-6)
+    assert lr_after_4 != pytest.approx(cfg.stage1.lr * f(4), rel=1e-3)
+    assert result(tmp_path)["summary"]["skipped_steps"] == 2
+
+
+def test_too_many_nonfinite_steps_in_a_row_save_and_stop_then_resume(tiny_assets, tmp_path):
+    overrides = {"stage": 1, "stage1.save_every": 0, "fault_tolerance.max_nonfinite_steps": 2}
+    proc = run(tiny_assets, tmp_path, {"MEDCARE_NONFINITE_AT": "stage1:2-5"}, **overrides)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 optimizer steps in a row (2..4) had a non-finite loss" in proc.stderr
+    assert "fault_tolerance.max_nonfinite_steps=2" in proc.stderr
+    ckpts = tmp_path / "stage1" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-0000004"
+    assert not (tmp_path / "stage1" / "result.json").exists()
+
+    check(run(tiny_assets, tmp_path, **overrides), "the rerun without NaNs")
+    record = result(tmp_path)
+    assert record["summary"]["resumed_from"].endswith("step-0000004")
+    assert record["result"]["skipped_steps"] == [[s, "non-finite loss"] for s in (2, 3, 4)]
+    assert [s for s, _ in record["result"]["losses"]] == [1, 5]
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_discarded_by_every_rank(tiny_assets, tmp_path):
+    overrides = {"stage": 1, "stage1.save_every": 1, "logging.keep_last": 10}
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           str(free_port()), "launch/train.py", *train_args(tiny_assets, tmp_path, **overrides)],
+                          env=base_env(MEDCARE_NONFINITE_AT="stage1:2:1"), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    check(proc, "2 ranks, NaN loss on rank 1 at step 2")
+    assert result(tmp_path)["result"]["skipped_steps"] == [[2, "non-finite loss"]]
+    for rank in (0, 1):  # each rank's partition: unchanged by step 2, changed by step 3
+        assert same(optimizer_state(tmp_path, 1, rank), optimizer_state(tmp_path, 2, rank))
+        assert not same(optimizer_state(tmp_path, 2, rank), optimizer_state(tmp_path, 3, rank))
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_on_another_node_fails_the_job_within_the_timeout(tiny_assets, tmp_path):
+    """Two per-node launchers (as under srun); rank 1 freezes after step 3 with its sockets open."""
+    timeout_s = 20
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = free_port()
+    args = train_args(tiny_assets, tmp_path / "run", **{"fault_tolerance.collective_timeout_s": timeout_s})
+    procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                               "--no_ssh", "--node_rank", str(node), "--num_nodes", "2", "--num_gpus", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py", *args],
+                              env=base_env(MEDCARE_FAIL_AT="stage1:3:1:hang"), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for node in (0, 1)]
+    try:
+        log = tmp_path / "run" / "train.log"
+        t0 = time.time()
+        while not (log.is_file() and "stage1 step 3/5" in log.read_text()):
+            assert time.time() - t0 < 300 and procs[0].poll() is None, "rank 0 never reached step 3"
+            time.sleep(0.5)
+        frozen_at = time.time()
+        _, stderr = procs[0].communicate(timeout=timeout_s + 60)
+        waited = time.time() - frozen_at
+    finally:
+        for p in procs:  # node 1 plays a dead node: nothing there exits by itself
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert procs[0].returncode != 0
+    assert f"Timed out waiting {timeout_s * 1000}ms" in stderr
+    assert timeout_s - 1 <= waited <= timeout_s + 45, waited
+    ckpts = tmp_path / "run" / "stage1" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-0000002"
