@@ -6,10 +6,17 @@ Layout under `<stage dir>/checkpoints/`:
   latest               name of the newest complete checkpoint
 Every rank writes into `.tmp-step-...`; after a barrier rank 0 renames it and
 only then rewrites `latest`, so a checkpoint cut off half-way is never seen.
+
+Resuming never runs pickled code: DeepSpeed's `.pt` files are read with
+`torch.load(weights_only=True)` (tensors, plain containers and the few DeepSpeed
+types in SAFE_GLOBALS), and a file that needs anything else is refused with a
+CheckpointError naming it. RNG state is safetensors, trainer state JSON.
 """
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -91,9 +98,89 @@ def prune(root, keep_last: int):
         shutil.rmtree(path, ignore_errors=True)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is refused or cannot be read; the message names the file."""
+
+
+# The only non-tensor types DeepSpeed 0.19 pickles into ZeRO checkpoints, found by saving
+# fp32, bf16, fp16 and CPU-offload ZeRO-3 checkpoints and listing what weights_only rejects;
+# all in the zero optimizer-state file (model-state files need none). Module paths, so that
+# importing this module does not import DeepSpeed.
+SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",           # optimizer_state_dict["zero_stage"]
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",         # optimizer_state_dict["loss_scaler"]: fp32/bf16
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # the same with fp16 dynamic loss scaling
+)
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for name in SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def _refused(message: str) -> str:
+    """What torch's weights_only unpickler objected to, from its error message."""
+    m = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)
+    if m:
+        return m.group(1)
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.startswith("Check the documentation")]
+    return f"it ({lines[-1] if lines else message})"
+
+
+def safe_load(path, map_location="cpu"):
+    """torch.load with weights_only=True and only SAFE_GLOBALS allowed beyond torch's defaults."""
+    # A context manager, not add_safe_globals: the allow-list holds for our loads only.
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            allowed = ", ".join(name.rsplit(".", 1)[1] for name in SAFE_GLOBALS)
+            raise CheckpointError(
+                f"{path}: refusing to unpickle {_refused(str(e))} (checkpoints are loaded with weights_only=True, "
+                f"which allows only tensors, plain containers and {allowed}); no code of the file's choosing "
+                "was run. Either it was not written by this trainer or has been altered, or another DeepSpeed "
+                "version pickles a type not yet in medcare_dist.checkpoint.SAFE_GLOBALS (add it there only if "
+                "you trust the file)") from None
+        except (OSError, RuntimeError, EOFError) as e:
+            # torch's messages for truncated or foreign files do not say which file.
+            raise CheckpointError(f"{path}: cannot read this checkpoint file ({e})") from e
+
+
+class _WeightsOnlyLoads:
+    """Stands in for `engine.checkpoint_engine` during a load: every `load` goes through
+    safe_load, everything else (save, commit, ...) to the engine DeepSpeed configured."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path, map_location=None):
+        return safe_load(path, map_location=map_location)
+
+
 def load_checkpoint(engine, path: Path, rank: int) -> dict:
     """Restore engine, RNG and trainer state from a complete checkpoint."""
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    if engine.load_universal_checkpoint():
+        # Universal checkpoints are read by ZeRO's own torch.load(weights_only=False) calls,
+        # which bypass the checkpoint engine; refuse rather than load them unchecked.
+        raise CheckpointError(f"{path}: load_universal_checkpoint is set in the DeepSpeed config; "
+                              "universal checkpoints would be unpickled without weights_only")
+    # ZeRO's model- and optimizer-state files are all read through engine.checkpoint_engine.load
+    # (DeepSpeedEngine._load_checkpoint via SDLoader, _get_all_zero_checkpoint_state_dicts).
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyLoads(inner)
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    finally:
+        engine.checkpoint_engine = inner
     if load_path is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
     rng_file = path / f"rng_rank{rank}.safetensors"

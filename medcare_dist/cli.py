@@ -34,13 +34,14 @@ def main(argv=None):
     from .config import ConfigError, load_config
     from .data import DataError
     from .adapter_io import AdapterCheckpointError
+    from .checkpoint import CheckpointError
     from .pipeline import PipelineError, run
     from .trainer import NonFiniteStepsError
 
     try:
         cfg = load_config(args.recipe, args.overrides)
         run(cfg)
-    except (ConfigError, DataError, AdapterCheckpointError, PipelineError) as e:
+    except (ConfigError, DataError, AdapterCheckpointError, CheckpointError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteStepsError as e:

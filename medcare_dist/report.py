@@ -95,10 +95,10 @@ def _fmt(v, spec=".4f"):
 
 def _markdown(report: dict, plots) -> str:
     lines = ["# medcare-dist run report", "",
-             "| stage | steps | first loss | last loss | first 10% mean | last 10% mean | tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | steps | skipped (NaN/inf) | first loss | last loss | first 10% mean | last 10% mean | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
-        lines.append(f"| {name} | {s['steps']} | {_fmt(s['train_loss_first'])} | {_fmt(s['train_loss_last'])} | "
+        lines.append(f"| {name} | {s['steps']} | {s.get('skipped_steps', 0)} | {_fmt(s['train_loss_first'])} | {_fmt(s['train_loss_last'])} | "
                      f"{_fmt(s['train_loss_first_10pct_mean'])} | {_fmt(s['train_loss_last_10pct_mean'])} | "
                      f"{_fmt(s['tokens_per_s'], '.0f')} |")
     o = report["orthogonality"]

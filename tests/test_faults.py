@@ -20,6 +20,7 @@ import torch
 
 from helpers import REPO, RECIPE, base_env, check, free_port, train_args
 
+from medcare_dist.checkpoint import safe_load
 from medcare_dist.config import load_config
 from medcare_dist.trainer import lr_lambda
 
@@ -32,7 +33,7 @@ def run(tiny_assets, out, env=None, **overrides):
 def optimizer_state(out: Path, step: int, rank: int = 0) -> dict:
     """The tensors of one rank's ZeRO optimizer partition: fp32 master weights, Adam moments and step."""
     path = out / "stage1" / "checkpoints" / f"step-{step:07d}" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-    sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    sd = safe_load(path)["optimizer_state_dict"]
     tensors = {f"fp32/{i}": t for i, t in enumerate(sd["fp32_flat_groups"])}
     for pid, state in sd["optimizer_state_dict"]["state"].items():
         tensors.update({f"{pid}/{k}": torch.as_tensor(v) for k, v in state.items()})
