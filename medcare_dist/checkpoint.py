@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .faults import injected_failure
+
 LATEST = "latest"
 STATE_NAME = "trainer_state.json"
 
@@ -56,6 +58,7 @@ def save_checkpoint(engine, root, step: int, trainer_state: dict, rank: int, bar
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
     save_file(rng_state(), str(root / tmp_tag / f"rng_rank{rank}.safetensors"))
+    injected_failure("checkpoint", step, rank)  # written but not published: must never be loaded
     barrier()
     if rank == 0:
         (root / tmp_tag / STATE_NAME).write_text(json.dumps(trainer_state, indent=1))

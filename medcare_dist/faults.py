@@ -2,7 +2,8 @@
 
 MEDCARE_FAIL_AT=<point>:<step>[:<rank>[:kill|hang]]
     The named rank (every rank if omitted) fails when it reaches the point: after optimizer step
-    <step> of `stage1` / `stage2`, or, for `merge`, half-way through writing the merged model (step 0).
+    <step> of `stage1` / `stage2`; for `checkpoint`, once the checkpoint of that step is written but
+    not yet published; for `merge`, half-way through writing the merged model (step 0).
     `kill` (the default) is SIGKILL: no exception handler, atexit hook or flush runs, as with a crashed
     process. `hang` is SIGSTOP: the process freezes with its sockets open, as with a node that stopped
     answering, so its peers learn of it only from the collective timeout.

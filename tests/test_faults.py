@@ -2,7 +2,7 @@
 
 Fast (one process, a few seconds each): steps with a NaN gradient are discarded, leaving optimizer
 and scheduler exactly as before them; too many in a row save a checkpoint and stop, and the rerun
-resumes from it. Slow (2 ZeRO-3 ranks): a NaN on one rank only is discarded by both; a rank lost on
+resumes from it; a checkpoint killed between writing and publishing is never loaded. Slow (2 ZeRO-3 ranks): a NaN on one rank only is discarded by both; a rank lost on
 another node fails the job at once if it was killed, within the collective timeout if it froze.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from helpers import REPO, RECIPE, base_env, check, free_port, train_args
+from helpers import REPO, RECIPE, base_env, check, free_port, losses, train_args
 
 from medcare_dist.checkpoint import safe_load
 from medcare_dist.config import load_config
@@ -86,6 +87,24 @@ def test_too_many_nonfinite_steps_in_a_row_save_and_stop_then_resume(tiny_assets
     assert record["summary"]["resumed_from"].endswith("step-0000004")
     assert record["result"]["skipped_steps"] == [[s, "non-finite loss"] for s in (2, 3, 4)]
     assert [s for s, _ in record["result"]["losses"]] == [1, 5]
+
+
+def test_a_checkpoint_cut_off_before_publishing_is_never_loaded(tiny_assets, tmp_path):
+    overrides = {"stage": 1, "stage1.save_every": 1, "logging.keep_last": 10}
+    check(run(tiny_assets, tmp_path / "whole", **overrides), "uninterrupted run")
+    out = tmp_path / "cut"
+    proc = run(tiny_assets, out, {"MEDCARE_FAIL_AT": "checkpoint:3"}, **overrides)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ckpts = out / "stage1" / "checkpoints"
+    assert (ckpts / ".tmp-step-0000003" / "rng_rank0.safetensors").is_file()   # fully written, not published
+    assert (ckpts / "latest").read_text().strip() == "step-0000002"
+    check(run(tiny_assets, out, **overrides), "the rerun")
+    assert result(out)["summary"]["resumed_from"].endswith("step-0000002")
+    assert not (ckpts / ".tmp-step-0000003").exists()
+    assert losses(out, "stage1") == pytest.approx(losses(tmp_path / "whole", "stage1"), rel=1e-6)
+    want = load_file(str(tmp_path / "whole" / "stage1" / "adapters" / "adapters.safetensors"))
+    got = load_file(str(out / "stage1" / "adapters" / "adapters.safetensors"))
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-6
 
 
 @pytest.mark.slow
