@@ -4,9 +4,9 @@ Each step writes its output under `output_dir` and marks it complete last, so
 rerunning the same command skips finished steps and resumes the running
 stage from its newest complete checkpoint:
   demo_assets/   (embedded default only) tokenizer, tiny base model, data
-  stage1/        adapters/ (attention LoRA + mixture-of-LoRA), checkpoints/, result.json
+  stage1/        adapters/ (attention LoRA + mixture-of-LoRA), checkpoints/, tokenized/, result.json
   merged_base/   HF model with the attention LoRA folded in; knowledge_adapters/ (KA)
-  stage2/        adapters/ (KA + alignment LoRA), checkpoints/, result.json
+  stage2/        adapters/ (KA + alignment LoRA), checkpoints/, tokenized/, result.json
   final/         plain HF model (safetensors) with every adapter folded in
   report.json, report.md, *.png, tensorboard/, train.log
 """
@@ -24,7 +24,7 @@ import torch
 
 from . import adapter_io
 from .config import build_ds_config, resolve_dtype
-from .distributed import barrier, init_distributed
+from .distributed import barrier, broadcast_object, init_distributed
 from .faults import injected_failure
 from .injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
 from .loss import install_chunked_lm_head
@@ -132,12 +132,28 @@ class Pipeline:
         self.sources = sources
 
     def _dataset(self, stage: str):
-        from .data import collate, load_stage_dataset
+        from . import token_cache
+        from .data import DataError, collate
 
-        dataset, stats = load_stage_dataset(self.sources[stage], self.tokenizer, self.cfg.data.max_length,
-                                            self.cfg.data.on_bad_row, self.cfg.seed)
+        # Rank 0 tokenizes (or finds the cache of an earlier attempt); the others wait, then memory-map it.
+        # A data error reaches every rank, so all stop with the same message before any compute.
+        root, outcome = self.out / stage / "tokenized", None
         if self.rank == 0:
-            log.info("%s data: %s", stage, json.dumps(stats.to_dict()))
+            args = (self.sources[stage], self.tokenizer, self.cfg.data.max_length, self.cfg.data.on_bad_row,
+                    self.cfg.seed)
+            try:
+                key = token_cache.cache_key(*args)
+                built = token_cache.build(root, key, *args)
+                outcome = ("ok", key, built)
+            except DataError as e:
+                outcome = ("error", str(e), False)
+        status, key, built = broadcast_object(outcome)
+        if status == "error":
+            raise DataError(key)
+        dataset, stats = token_cache.load(root, key)
+        if self.rank == 0:
+            log.info("%s data (%s %s): %s", stage, "tokenized into" if built else "reused", root / key,
+                     json.dumps(stats.to_dict()))
         pad_id, max_length = self.tokenizer.pad_token_id, self.cfg.data.max_length
         if self.cfg.data.packing:
             # Each micro-batch's samples packed into rows of <= max_length (position_ids restart per sample,

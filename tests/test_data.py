@@ -319,3 +319,50 @@ def test_check_cli_exit_codes(mixed_file, tmp_path):
     assert missing.returncode == 1 and "absent.jsonl: no such file" in missing.stdout
     wrong = run_check(clean, "--format", "alpaca")
     assert wrong.returncode == 1 and "missing_field" in wrong.stdout
+
+
+# ----- the tokenized cache (medcare_dist.token_cache) -----------------------------------------------------
+
+def test_token_cache_equals_direct_tokenization_and_is_reused(tok, tmp_path, monkeypatch):
+    from medcare_dist import token_cache
+
+    rows = [messages_row()] + [
+        {"messages": [{"role": "user", "content": f"Code of item {i}?"},
+                      {"role": "assistant", "content": f"E{i}.{i % 7}"}]} for i in range(30)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    sources = [{"path": str(data), "format": "auto", "max_samples": 20}]
+    args = (sources, tok, 64, "error", 3)
+    want, want_stats = load_stage_dataset(*args)
+
+    root = tmp_path / "cache"
+    key = token_cache.cache_key(*args)
+    assert token_cache.build(root, key, *args) is True
+    got, got_stats = token_cache.load(root, key)
+    assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
+    assert got_stats == want_stats
+
+    # Same inputs: the same key, and build() does not tokenize again.
+    assert token_cache.cache_key(*args) == key
+    monkeypatch.setattr(token_cache, "load_stage_dataset", lambda *a, **k: pytest.fail("tokenized again"))
+    assert token_cache.build(root, key, *args) is False
+    monkeypatch.undo()
+
+    # Anything the ids depend on changes the key: the file's bytes, max_length, the seed of the subset.
+    assert token_cache.cache_key(sources, tok, 48, "error", 3) != key
+    assert token_cache.cache_key(sources, tok, 64, "error", 4) != key
+    write_jsonl(data, rows + [messages_row()])
+    new_key = token_cache.cache_key(*args)
+    assert new_key != key
+    assert token_cache.build(root, new_key, *args) is True
+    assert sorted(p.name for p in root.iterdir()) == [new_key]  # the stale cache is removed
+
+
+def test_token_cache_builds_nothing_from_bad_data(tok, tmp_path):
+    from medcare_dist import token_cache
+
+    data = write_jsonl(tmp_path / "d.jsonl", [messages_row(), b"{not json"])
+    args = ([str(data)], tok, 64, "error", 0)
+    root = tmp_path / "cache"
+    with pytest.raises(DataError, match="d.jsonl:2"):
+        token_cache.build(root, token_cache.cache_key(*args), *args)
+    assert not root.exists() or not any(root.iterdir())
