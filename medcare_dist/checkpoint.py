@@ -169,6 +169,15 @@ class _WeightsOnlyLoads:
         return safe_load(path, map_location=map_location)
 
 
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json of a complete checkpoint (step, stage, world size, settings, results so far)."""
+    file = Path(path) / STATE_NAME
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read it ({e}); delete {path} to resume from the one before") from e
+
+
 def load_checkpoint(engine, path: Path, rank: int) -> dict:
     """Restore engine, RNG and trainer state from a complete checkpoint."""
     if engine.load_universal_checkpoint():
@@ -189,4 +198,4 @@ def load_checkpoint(engine, path: Path, rank: int) -> dict:
     rng_file = path / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
         set_rng_state(load_file(str(rng_file)))
-    return json.loads((path / STATE_NAME).read_text())
+    return read_trainer_state(path)

@@ -158,15 +158,30 @@ class Pipeline:
         if self.cfg.data.packing:
             # Each micro-batch's samples packed into rows of <= max_length (position_ids restart per sample,
             # no attention_mask): the same samples and loss tokens, a fraction of the padding.
-            return dataset, stats, (lambda batch: collate_packed(batch, pad_id, max_length, pad_to_multiple_of=8))
-        return dataset, stats, (lambda batch: collate(batch, pad_id))
+            return dataset, stats, (lambda batch: collate_packed(batch, pad_id, max_length, pad_to_multiple_of=8)), key
+        return dataset, stats, (lambda batch: collate(batch, pad_id)), key
+
+    def _resume_signature(self, stage: str, stage_cfg, data_key: str) -> dict:
+        """The settings a checkpoint of this stage can only be resumed under, by dotted recipe name.
+
+        Left out, so a rerun may change them: the peak lr (applied from the resume on), max_grad_norm
+        (read from the DeepSpeed config each run), micro_batch_size (the global batch of a step does not
+        depend on how it is split), and the logging / checkpointing / fault-tolerance knobs.
+        """
+        from dataclasses import asdict
+
+        sig = {"seed": self.cfg.seed, "model.dtype": self.dtype, f"data.{stage} (the tokenized rows)": data_key}
+        sig.update({f"adapters.{k}": v for k, v in asdict(self.cfg.adapters).items()})
+        sig.update({f"{stage}.{k}": v for k, v in asdict(stage_cfg).items()
+                    if k not in ("lr", "max_grad_norm", "micro_batch_size", "save_every", "eval_every")})
+        return sig
 
     # ----- stages -----------------------------------------------------------
     def _stage_done(self, stage: str) -> bool:
         return (self.out / stage / "result.json").is_file() and self.cfg.resume
 
     def _train_stage(self, stage: str, data, model, stage_cfg, ds_config, measure_orthogonality: bool):
-        dataset, stats, collate = data
+        dataset, stats, collate, data_key = data
         if self.cfg.data.packing and not supports_packing(model):
             raise PipelineError(f"data.packing=true needs an attention implementation that reads packed "
                                 f"position_ids (sdpa, eager, flash_attention_2), not "
@@ -183,7 +198,8 @@ class Pipeline:
         mark_adapter_leaf_modules(model, ds_config)
         trainer = StageTrainer(stage, model, dataset, collate, stage_cfg, ds_config, self.out / stage, self.rank,
                                self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.tb,
-                               self.cfg.fault_tolerance.max_nonfinite_steps)
+                               self.cfg.fault_tolerance.max_nonfinite_steps,
+                               self._resume_signature(stage, stage_cfg, data_key))
         if self.cfg.resume:
             trainer.maybe_resume()
         n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()

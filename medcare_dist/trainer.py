@@ -170,7 +170,8 @@ class StageTrainer:
     """Trains the adapter parameters of `model` on `dataset` for one stage."""
 
     def __init__(self, name, model, dataset, collate, stage_cfg, ds_config, out_dir, rank, world_size,
-                 seed, logging_cfg, measure_orthogonality=False, tb_writer=None, max_nonfinite_steps=3):
+                 seed, logging_cfg, measure_orthogonality=False, tb_writer=None, max_nonfinite_steps=3,
+                 resume_signature=None):
         import deepspeed
 
         self.name, self.rank, self.world = name, rank, world_size
@@ -185,6 +186,7 @@ class StageTrainer:
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.global_batch = ds_config["train_batch_size"]
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.resume_signature = resume_signature or {}
         self.fp16 = ds_config.get("fp16", {}).get("enabled", False)
 
         self.steps_per_epoch = len(dataset) // self.global_batch
@@ -210,6 +212,7 @@ class StageTrainer:
             optimizer, lr_lambda(stage_cfg.lr_scheduler, warmup, self.total_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.model = model
         self.device = self.engine.device
         # The pipeline installs a ChunkedLMHead (medcare_dist.loss); without one the logits path is used.
@@ -245,7 +248,9 @@ class StageTrainer:
         path = ckpt.latest_checkpoint(self.ckpt_root)
         if path is None:
             return False
+        self._check_resumable(path, ckpt.read_trainer_state(path))
         state = ckpt.load_checkpoint(self.engine, path, self.rank)
+        self._apply_peak_lr(path)
         self.start_step = state["step"]
         self.result = StageResult.from_state(state["result"])
         self.result.resumed_from = str(path)
@@ -253,9 +258,40 @@ class StageTrainer:
             log.info("%s: resumed from %s (step %d of %d)", self.name, path, self.start_step, self.total_steps)
         return True
 
+    def _check_resumable(self, path, state: dict):
+        """Refuse, before DeepSpeed reads a byte of it, a checkpoint this run cannot continue exactly."""
+        if state.get("world_size", self.world) != self.world:
+            raise ckpt.CheckpointError(
+                f"{path}: written by {state['world_size']} ranks, and this run has {self.world}. ZeRO partitions "
+                f"the optimizer state per rank: resume with {state['world_size']} ranks, or start the stage over "
+                f"by deleting {path.parent}")
+        theirs = state.get("signature", {})
+        diffs = [f"{k}: {theirs[k]!r} in the checkpoint, {v!r} now" for k, v in self.resume_signature.items()
+                 if k in theirs and theirs[k] != v]
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"{path}: this checkpoint was written under other settings (" + "; ".join(diffs) + "). Restore "
+                f"them to resume, or start the stage over by deleting {path.parent} (or with a new output_dir)")
+
+    def _apply_peak_lr(self, path):
+        """A rerun may change the stage's lr (say, after a stop for non-finite steps): the loaded
+        scheduler keeps the old peak, so put the recipe's in and re-derive the current lr from it."""
+        old = list(self.scheduler.base_lrs)
+        if all(lr == self.cfg.lr for lr in old):
+            return
+        self.scheduler.base_lrs = [self.cfg.lr] * len(old)
+        lrs = [base * f(self.scheduler.last_epoch) for base, f in zip(self.scheduler.base_lrs,
+                                                                     self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        if self.rank == 0:
+            log.warning("%s: resuming %s with peak lr %g instead of the checkpoint's %g", self.name, path.name,
+                        self.cfg.lr, old[0])
+
     def _save(self, step: int):
-        state = {"stage": self.name, "step": step, "total_steps": self.total_steps,
-                 "result": self.result.to_state()}
+        state = {"stage": self.name, "step": step, "total_steps": self.total_steps, "world_size": self.world,
+                 "signature": self.resume_signature, "result": self.result.to_state()}
         ckpt.save_checkpoint(self.engine, self.ckpt_root, step, state, self.rank, barrier,
                              self.logging_cfg.keep_last)
 
@@ -391,7 +427,7 @@ class StageTrainer:
             f"{self.name}: {streak} optimizer steps in a row ({step - streak + 1}..{step}) had a non-finite loss "
             f"or gradient, more than fault_tolerance.max_nonfinite_steps={self.max_nonfinite_steps}; none of them "
             f"changed the adapters. Saved {self.ckpt_root / f'step-{step:07d}'}. Check the data of those steps or "
-            "lower the learning rate, then rerun the same command to resume from it.")
+            f"lower {self.name}.lr (a resume takes the new peak lr), then rerun the command to resume from it.")
 
     def _accumulate_expert_counts(self):
         counts = pop_expert_counts(self.model)

@@ -163,3 +163,34 @@ def test_a_lost_rank_on_another_node_fails_the_job_in_bounded_time(tiny_assets, 
         assert timeout_s - 1 <= waited <= timeout_s + 45, waited
     ckpts = tmp_path / "run" / "stage1" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-0000002"
+
+
+def test_resume_refuses_other_settings_and_applies_a_new_lr(tiny_assets, tmp_path):
+    overrides = {"stage": 1, "stage1.save_every": 2}
+    proc = run(tiny_assets, tmp_path, {"MEDCARE_FAIL_AT": "stage1:3"}, **overrides)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = tmp_path / "stage1" / "checkpoints" / "step-0000002"
+
+    proc = run(tiny_assets, tmp_path, **overrides, **{"adapters.expert_rank": 4, "stage1.global_batch_size": 16})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: {ckpt}: this checkpoint was written under other settings" in proc.stderr
+    assert "adapters.expert_rank: 8 in the checkpoint, 4 now" in proc.stderr
+    assert "stage1.global_batch_size: 8 in the checkpoint, 16 now" in proc.stderr
+
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    proc = run(tiny_assets, tmp_path, **overrides)
+    assert proc.returncode == 2 and "written by 2 ranks, and this run has 1" in proc.stderr, proc.stderr[-3000:]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+
+    # A new peak lr is taken from the resume on: the lr after step s is new_lr * f(s).
+    cfg = load_config(str(RECIPE), train_args(tiny_assets, tmp_path, **overrides)[2:])
+    new_lr = cfg.stage1.lr / 4
+    proc = run(tiny_assets, tmp_path, **overrides, **{"stage1.lr": new_lr})
+    check(proc, "the resume with a lower lr")
+    assert "instead of the checkpoint's" in proc.stderr
+    f = lr_lambda(cfg.stage1.lr_scheduler, math.ceil(cfg.stage1.warmup_ratio * 5), 5)
+    lrs = dict(result(tmp_path)["result"]["lrs"])
+    assert lrs[2] == pytest.approx(cfg.stage1.lr * f(2), rel=1e-6)   # before the crash
+    for step in (3, 4):
+        assert lrs[step] == pytest.approx(new_lr * f(step), rel=1e-6)
