@@ -25,14 +25,57 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(parent, child, new)
 
 
+def _linears_by_name(model: nn.Module) -> dict[str, list[tuple[str, nn.Linear]]]:
+    """Short name (q_proj, ...) -> [(qualified name, linear)] of every nn.Linear of the model."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            out.setdefault(n.rpartition(".")[2], []).append((n, m))
+    return out
+
+
 def _targets(model: nn.Module, names, what: str):
-    names = list(names)
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in names]
-    if not found:
-        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no nn.Linear named {names} for the {what}; this model's linear layers are {linears}")
-    return found
+    linears = _linears_by_name(model)
+    missing = [n for n in names if n not in linears]
+    if missing:
+        raise ValueError(f"no nn.Linear named {missing} for the {what}; this model's linear layers are "
+                         f"{sorted(linears)}")
+    return [pair for n in names for pair in linears[n]]
+
+
+def check_adapter_fit(model: nn.Module, cfg) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the stage-1 and stage-2 adapter settings `cfg` on this model's shapes.
+
+    Runs on a meta-device model before anything is computed. A problem names the recipe field: a target
+    with no linear layer of that name, or an alignment rank the complement of the knowledge subspace
+    (in_features - shared_rank) cannot hold. A rank above min(in, out) is only a warning: legal, but
+    the extra rank adds parameters and no expressiveness.
+    """
+    linears = _linears_by_name(model)
+    problems, warnings = [], []
+    for field in ("attn_targets", "mlp_targets"):
+        for i, name in enumerate(getattr(cfg, field)):
+            if name not in linears:
+                problems.append(f"adapters.{field}[{i}]={name!r}: this model has no nn.Linear of that name "
+                                f"(its linear layers: {', '.join(sorted(linears))})")
+    ranks = {"attn_targets": ("attn_rank",), "mlp_targets": ("expert_rank", "shared_rank")}
+    for field, rank_fields in ranks.items():
+        for name in getattr(cfg, field):
+            for qualified, lin in linears.get(name, [])[:1]:  # every layer has the same shape
+                limit = min(lin.in_features, lin.out_features)
+                for rf in rank_fields:
+                    if getattr(cfg, rf) > limit:
+                        warnings.append(f"adapters.{rf}={getattr(cfg, rf)} exceeds min(in, out) = {limit} of "
+                                        f"{qualified}")
+                if field == "mlp_targets" and cfg.orthogonality in ("hard", "both"):
+                    room = lin.in_features - cfg.shared_rank
+                    if cfg.align_rank > room:
+                        problems.append(
+                            f"adapters.align_rank={cfg.align_rank}: stage 2 keeps the alignment LoRA of {name} "
+                            f"orthogonal to the {cfg.shared_rank}-dimensional knowledge subspace of its "
+                            f"{lin.in_features} inputs, which leaves room for rank {max(room, 0)} at most "
+                            f"(or lower adapters.shared_rank)")
+    return problems, warnings
 
 
 def add_stage1_adapters(model: nn.Module, cfg) -> nn.Module:

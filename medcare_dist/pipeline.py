@@ -131,6 +131,25 @@ class Pipeline:
         self.base_path = base_path
         self.sources = sources
 
+    def _check_adapters_fit(self):
+        """Adapter targets and ranks against the base model's shapes, on a meta-device copy: no weights read."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .config import ConfigError
+        from .injection import check_adapter_fit
+
+        trust = self.cfg.model.trust_remote_code
+        config = AutoConfig.from_pretrained(str(self.base_path), local_files_only=True, trust_remote_code=trust)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        problems, warnings = check_adapter_fit(skeleton, self.cfg.adapters)
+        if self.rank == 0:
+            for w in warnings:
+                log.warning("%s", w)
+        if problems:
+            raise ConfigError(f"the adapters do not fit {self.base_path} ({config.model_type}):\n  "
+                              + "\n  ".join(problems))
+
     def _dataset(self, stage: str):
         from . import token_cache
         from .data import DataError, collate
@@ -272,7 +291,10 @@ class Pipeline:
         adapter_io.check_compatible(model, meta, merged / "knowledge_adapters")
         adapter_io.load_adapters(model, merged / "knowledge_adapters")
         torch.manual_seed(cfg.seed + 1)
-        add_stage2_adapters(model, cfg.adapters)
+        try:
+            add_stage2_adapters(model, cfg.adapters)
+        except ValueError as e:  # an alignment rank the knowledge subspace of init_from leaves no room for
+            raise PipelineError(f"adapters.align_rank={cfg.adapters.align_rank} on {merged}: {e}") from None
         return self._train_stage("stage2", data, model, cfg.stage2, ds_config, measure_orthogonality=True)
 
     def _check_same_base(self, merged: Path):
@@ -303,6 +325,8 @@ class Pipeline:
     def run(self) -> dict:
         t0 = time.perf_counter()
         self._prepare_inputs()
+        if "stage1" in self.steps:
+            self._check_adapters_fit()
         for step in self.steps:
             if step in ("stage1", "stage2"):
                 if self._stage_done(step):

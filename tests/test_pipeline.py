@@ -99,3 +99,19 @@ def test_missing_data_file_is_named(tiny_base, tmp_path):
                    "data.stage1=[/nonexistent/train.jsonl]")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "/nonexistent/train.jsonl" in proc.stderr
+
+
+def test_adapters_that_do_not_fit_the_model_are_refused_before_compute(tiny_base, tmp_path):
+    # hidden 32, intermediate 64: gate/up_proj take 32 inputs, down_proj 64. With a 16-dim knowledge
+    # subspace the alignment rank may be 16 on gate/up and 48 on down_proj; 20 fits down_proj only.
+    proc = run_cli("--recipe", str(REPO / "launch/recipes/demo.yaml"), f"model.path={tiny_base / 'base'}",
+                   f"output_dir={tmp_path / 'out'}", "adapters.shared_rank=16", "adapters.align_rank=20",
+                   "adapters.mlp_targets=[gate_proj,up_proj,down_proj,gate_prj]", "adapters.attn_rank=40")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr
+    assert "adapters.mlp_targets[3]='gate_prj': this model has no nn.Linear of that name" in err
+    assert "alignment LoRA of gate_proj" in err and "alignment LoRA of up_proj" in err
+    assert "alignment LoRA of down_proj" not in err
+    assert "leaves room for rank 16 at most" in err
+    assert "adapters.attn_rank=40 exceeds min(in, out) = 32" in err   # a warning, next to the errors
+    assert not (tmp_path / "out" / "stage1" / "tokenized").exists()     # nothing was computed
