@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from . import adapter_io
 from .config import build_ds_config, resolve_dtype
-from .distributed import barrier, broadcast_object, init_distributed
+from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from .faults import injected_failure
 from .injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
 from .loss import install_chunked_lm_head
@@ -68,10 +69,7 @@ class Pipeline:
         self.cfg = cfg
         self.rank, self.world = init_distributed(cfg.fault_tolerance.collective_timeout_s)
         self.out = Path(cfg.output_dir)
-        if self.rank == 0:
-            self._check_output_dir()
-            self.out.mkdir(parents=True, exist_ok=True)
-        barrier()
+        self._prepare_output_dir()
         setup_logging(self.rank, self.out / "train.log")
         self.dtype = resolve_dtype(cfg.model.dtype, device_type())
         self.steps = STEPS[str(cfg.stage)]
@@ -81,6 +79,41 @@ class Pipeline:
 
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
         self.results: dict[str, dict] = {}
+
+    def _prepare_output_dir(self):
+        """Rank 0 checks and creates output_dir; then every rank must see what rank 0 writes there.
+
+        Every rank writes its checkpoint shards into one directory that rank 0 publishes, so output_dir
+        on node-local disks would train for hours and fail at the first resume. Outcomes are broadcast
+        so that every rank stops with the same message rather than on a broken connection.
+        """
+        outcome = None
+        if self.rank == 0:
+            try:
+                self._check_output_dir()
+                self.out.mkdir(parents=True, exist_ok=True)
+                token = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+                (self.out / f".probe-{token}").write_text(token)  # a new name: no stale NFS lookup can match it
+                outcome = ("ok", token)
+            except (PipelineError, OSError) as e:
+                outcome = ("error", f"output_dir {self.out}: {e}" if isinstance(e, OSError) else str(e))
+        status, token = broadcast_object(outcome)
+        if status == "error":
+            raise PipelineError(token)
+        probe = self.out / f".probe-{token}"
+        deadline = time.monotonic() + 10  # network file systems may show a new file a moment late
+        while not (sees := probe.is_file() and probe.read_text() == token) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        blind = int(all_reduce_sum(torch.tensor([0.0 if sees else 1.0], device=device)).item())
+        if self.rank == 0:
+            probe.unlink(missing_ok=True)
+        if blind:
+            raise PipelineError(
+                f"output_dir {self.out}: {blind} of {self.world} ranks cannot see the files rank 0 writes there "
+                f"(rank {self.rank} on {socket.gethostname()}: {'sees them' if sees else 'does not'}). Every rank "
+                "writes its checkpoint shards into it: put output_dir on a file system all nodes share "
+                "(NFS, Lustre, GPFS, ...), by an absolute path that is the same on every node")
 
     def _check_output_dir(self):
         if self.cfg.resume or not self.out.exists() or not any(self.out.iterdir()):

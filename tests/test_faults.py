@@ -194,3 +194,27 @@ def test_resume_refuses_other_settings_and_applies_a_new_lr(tiny_assets, tmp_pat
     assert lrs[2] == pytest.approx(cfg.stage1.lr * f(2), rel=1e-6)   # before the crash
     for step in (3, 4):
         assert lrs[step] == pytest.approx(new_lr * f(step), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_an_output_dir_the_nodes_do_not_share_is_refused_by_every_rank(tiny_assets, tmp_path):
+    """Two per-node launchers in different working directories and a relative output_dir: each node
+    sees its own directory, as with node-local disks. Checkpoints would be missing shards."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = free_port()
+    args = train_args(tiny_assets, "run")
+    procs = []
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+             "--node_rank", str(node), "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
+             "--master_port", str(port), str(REPO / "launch" / "train.py"), *args],
+            env=base_env(), cwd=tmp_path / f"node{node}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode != 0
+        assert "1 of 2 ranks cannot see the files rank 0 writes there" in err, err[-3000:]
+    assert "rank 1 on" in outs[1][1] and "does not" in outs[1][1]
+    assert not (tmp_path / "node0" / "run" / "stage1").exists()  # stopped before any data or model work
