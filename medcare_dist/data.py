@@ -306,6 +306,21 @@ class DataStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def combine(cls, parts: list["DataStats"]) -> "DataStats":
+        """The stats of a stage tokenized in slices: counts summed, the longest sequence maxed.
+        What reading found (bad rows, read/used per file) is the same in every part."""
+        first = parts[0]
+        out = cls(max_length=first.max_length, bad_rows=dict(first.bad_rows),
+                  files={path: {**counts, "rows": 0} for path, counts in first.files.items()})
+        for part in parts:
+            for name in ("num_rows", "num_tokens", "num_label_tokens", "num_truncated", "num_dropped_no_labels"):
+                setattr(out, name, getattr(out, name) + getattr(part, name))
+            out.longest_sequence = max(out.longest_sequence, part.longest_sequence)
+            for path, counts in part.files.items():
+                out.files[path]["rows"] += counts["rows"]
+        return out
+
 
 def _check_source(source) -> dict:
     if isinstance(source, (str, Path)):
@@ -333,9 +348,8 @@ def _warn_if_pieces_differ(tokenizer, pieces, piece_ids):
                     "conversation; training follows the inference-time split (prompt, then reply)")
 
 
-def load_stage_dataset(sources, tokenizer, max_length: int, on_bad_row: str = "error", seed: int = 0,
-                       batch_size: int = 1024):
-    """(datasets.Dataset of input_ids / labels, DataStats) for a stage's sources, in source order.
+def read_stage_conversations(sources, max_length: int, on_bad_row: str = "error", seed: int = 0):
+    """([(path, messages)], DataStats so far) of a stage's sources, in source order; bad rows per on_bad_row.
 
     sources: [{"path", "format": "auto"|"conversations"|"messages"|"alpaca", "max_samples": int|None}].
     on_bad_row="error" raises a DataError listing every bad row (file, line, reason) of
@@ -365,8 +379,22 @@ def load_stage_dataset(sources, tokenizer, max_length: int, on_bad_row: str = "e
             raise DataError(f"{len(all_bad)} bad rows in the training data (on_bad_row=error; set "
                             f"on_bad_row=skip to drop them):\n{format_bad_rows(all_bad)}")
         log.warning("skipped %d bad rows:\n%s", len(all_bad), format_bad_rows(all_bad, limit=5))
+    return conversations, stats
 
+
+def tokenize_conversations(conversations, tokenizer, stats: DataStats, batch_size: int = 1024,
+                           progress: bool = True):
+    """datasets.Dataset of input_ids / labels for `conversations` (in order), counting into `stats`.
+
+    Rows whose reply starts beyond stats.max_length are dropped (nothing to learn). Any contiguous
+    slice of a stage's conversations can be tokenized apart and the pieces concatenated in order.
+    """
+    from tqdm import tqdm
+
+    max_length = stats.max_length
     columns = {"input_ids": [], "labels": []}
+    bar = tqdm(total=len(conversations), desc="tokenizing", unit="row", dynamic_ncols=True,
+               disable=not progress or len(conversations) < 20 * batch_size)
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start:start + batch_size]
         rendered = [render_segments(tokenizer, messages) for _, messages in chunk]
@@ -390,19 +418,34 @@ def load_stage_dataset(sources, tokenizer, max_length: int, on_bad_row: str = "e
             stats.files[path]["rows"] += 1
             columns["input_ids"].append(row["input_ids"])
             columns["labels"].append(row["labels"])
-    stats.num_rows = len(columns["input_ids"])
-    if stats.num_dropped_no_labels:
-        log.warning("dropped %d rows whose reply starts beyond max_length=%d", stats.num_dropped_no_labels,
-                    max_length)
-    if stats.num_rows == 0:
-        raise DataError(f"no usable training rows in {', '.join(s['path'] for s in sources)} "
-                        f"(bad rows: {stats.bad_rows or 'none'}; dropped for length: {stats.num_dropped_no_labels})")
+        bar.update(len(chunk))
+    bar.close()
+    stats.num_rows += len(columns["input_ids"])
 
     import datasets
 
-    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features({
+    return datasets.Dataset.from_dict(columns, features=datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32"))}))
+
+
+def check_usable(stats: DataStats, sources):
+    """Warn about rows dropped for length; refuse a stage left without a single usable row."""
+    if stats.num_dropped_no_labels:
+        log.warning("dropped %d rows whose reply starts beyond max_length=%d", stats.num_dropped_no_labels,
+                    stats.max_length)
+    if stats.num_rows == 0:
+        paths = ", ".join(str(s["path"] if isinstance(s, dict) else s) for s in sources)
+        raise DataError(f"no usable training rows in {paths} (bad rows: {stats.bad_rows or 'none'}; "
+                        f"dropped for length: {stats.num_dropped_no_labels})")
+
+
+def load_stage_dataset(sources, tokenizer, max_length: int, on_bad_row: str = "error", seed: int = 0,
+                       batch_size: int = 1024):
+    """(datasets.Dataset of input_ids / labels, DataStats) for a stage's sources, in one process."""
+    conversations, stats = read_stage_conversations(sources, max_length, on_bad_row, seed)
+    dataset = tokenize_conversations(conversations, tokenizer, stats, batch_size)
+    check_usable(stats, sources)
     return dataset, stats
 
 

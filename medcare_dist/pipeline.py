@@ -185,24 +185,23 @@ class Pipeline:
 
     def _dataset(self, stage: str):
         from . import token_cache
-        from .data import DataError, collate
+        from .data import check_usable, collate
 
-        # Rank 0 tokenizes (or finds the cache of an earlier attempt); the others wait, then memory-map it.
-        # A data error reaches every rank, so all stop with the same message before any compute.
-        root, outcome = self.out / stage / "tokenized", None
-        if self.rank == 0:
-            args = (self.sources[stage], self.tokenizer, self.cfg.data.max_length, self.cfg.data.on_bad_row,
-                    self.cfg.seed)
-            try:
-                key = token_cache.cache_key(*args)
-                built = token_cache.build(root, key, *args)
-                outcome = ("ok", key, built)
-            except DataError as e:
-                outcome = ("error", str(e), False)
-        status, key, built = broadcast_object(outcome)
-        if status == "error":
-            raise DataError(key)
+        # Every rank tokenizes a slice into the cache (or finds it built by an earlier attempt), then
+        # memory-maps the whole. Bad data raises the same DataError on every rank, before any barrier.
+        root = self.out / stage / "tokenized"
+        args = (self.sources[stage], self.tokenizer, self.cfg.data.max_length, self.cfg.data.on_bad_row,
+                self.cfg.seed)
+        key = token_cache.cache_key(*args)
+        built = not token_cache.is_built(root, key)  # the same on every rank: nothing is published before
+        if built:                                    # the barrier below
+            token_cache.build_slice(root, key, *args, rank=self.rank, world=self.world)
+            barrier()
+            if self.rank == 0:
+                token_cache.publish(root, key, self.world)
+            barrier()
         dataset, stats = token_cache.load(root, key)
+        check_usable(stats, self.sources[stage])
         if self.rank == 0:
             log.info("%s data (%s %s): %s", stage, "tokenized into" if built else "reused", root / key,
                      json.dumps(stats.to_dict()))

@@ -1,10 +1,11 @@
-"""A stage's tokenized data, built once by one process, saved under the run and memory-mapped by every rank.
+"""A stage's tokenized data, built in slices by all ranks, saved under the run, memory-mapped by every rank.
 
 The key covers everything the token ids depend on: the source files' bytes, formats and max_samples,
 the seed (which subset max_samples keeps), max_length, on_bad_row and the tokenizer (vocabulary, merges,
-chat template, special tokens). A rerun of the same command (a resume) reuses the cache instead of
-tokenizing again; any change builds a new one and removes the old. Without it every rank would tokenize
-every file and hold its own copy of the result; memory-mapped Arrow is one copy per node, in page cache.
+chat template, special tokens). Every rank reads and checks all rows (so bad data stops every rank with
+the same message, with no collective), tokenizes one contiguous slice and saves it; rank 0 then
+publishes the slices as one cache. A rerun of the same command (a resume) reuses the cache; any change
+builds a new one and removes the old. Memory-mapped Arrow is one copy per node, in the page cache.
 """
 
 import hashlib
@@ -13,10 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .data import DataStats, _check_source, load_stage_dataset
+from .data import DataStats, _check_source, read_stage_conversations, tokenize_conversations
 
-CACHE_VERSION = 1  # bump when tokenization or the cached layout changes
-STATS_NAME = "stats.json"
+CACHE_VERSION = 2  # bump when tokenization or the cached layout changes
+INDEX_NAME = "index.json"  # written last: a cache directory without it is incomplete
 
 
 def _file_digest(path: str) -> str:
@@ -26,7 +27,7 @@ def _file_digest(path: str) -> str:
             for block in iter(lambda: f.read(1 << 23), b""):
                 h.update(block)
     except OSError:
-        return "unreadable"  # load_stage_dataset names the file and the reason
+        return "unreadable"  # reading the rows names the file and the reason
     return h.hexdigest()
 
 
@@ -45,30 +46,62 @@ def cache_key(sources, tokenizer, max_length: int, on_bad_row: str, seed: int) -
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def build(root, key: str, sources, tokenizer, max_length: int, on_bad_row: str, seed: int) -> bool:
-    """Tokenize into `root/key` unless it is there; False on a cache hit. Raises DataError on bad data."""
+def is_built(root, key: str) -> bool:
+    return (Path(root) / key / INDEX_NAME).is_file()
+
+
+def _part(directory: Path, index: int) -> Path:
+    return directory / f"part-{index:05d}"
+
+
+def build_slice(root, key: str, sources, tokenizer, max_length: int, on_bad_row: str, seed: int,
+                rank: int = 0, world: int = 1):
+    """Tokenize this rank's contiguous slice (of `world`) of the stage's rows into a temporary part.
+
+    Raises DataError on bad data, identically on every rank.
+    """
+    conversations, stats = read_stage_conversations(sources, max_length, on_bad_row, seed)
+    n = len(conversations)
+    dataset = tokenize_conversations(conversations[n * rank // world:n * (rank + 1) // world], tokenizer, stats,
+                                     progress=rank == 0)
+    part = _part(Path(root) / f".{key}.tmp", rank)
+    shutil.rmtree(part, ignore_errors=True)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_to_disk(str(part))
+    (part / "stats.json").write_text(json.dumps(stats.to_dict()))  # written last: marks the part complete
+
+
+def publish(root, key: str, world: int = 1):
+    """Rank 0, once every rank's part is written: rename them into place and drop caches of other keys."""
     root = Path(root)
-    target = root / key
-    if (target / STATS_NAME).is_file():
-        return False
-    dataset, stats = load_stage_dataset(sources, tokenizer, max_length, on_bad_row, seed)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
-    (tmp / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=1))  # written last: marks it complete
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    for old in root.iterdir():  # caches of other keys (an edited file, another tokenizer) are stale
-        if old != target:
+    parts = [DataStats(**json.loads((_part(tmp, r) / "stats.json").read_text())) for r in range(world)]
+    for stale in tmp.glob("part-*"):  # from an earlier attempt with more ranks
+        if int(stale.name.split("-")[1]) >= world:
+            shutil.rmtree(stale, ignore_errors=True)
+    (tmp / INDEX_NAME).write_text(json.dumps({"parts": world, "stats": DataStats.combine(parts).to_dict()}))
+    shutil.rmtree(root / key, ignore_errors=True)
+    os.replace(tmp, root / key)
+    for old in root.iterdir():  # an edited file, another tokenizer: those caches are stale
+        if old.name != key:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def build(root, key: str, sources, tokenizer, max_length: int, on_bad_row: str, seed: int) -> bool:
+    """The whole cache in one process; False if it was already there."""
+    if is_built(root, key):
+        return False
+    build_slice(root, key, sources, tokenizer, max_length, on_bad_row, seed)
+    publish(root, key)
     return True
 
 
 def load(root, key: str):
-    """(memory-mapped datasets.Dataset, DataStats) of a built cache."""
+    """(memory-mapped datasets.Dataset of the whole stage, DataStats) of a published cache."""
     import datasets
 
     target = Path(root) / key
-    stats = DataStats(**json.loads((target / STATS_NAME).read_text()))
-    return datasets.load_from_disk(str(target)), stats
+    index = json.loads((target / INDEX_NAME).read_text())
+    pieces = [datasets.load_from_disk(str(_part(target, r))) for r in range(index["parts"])]
+    dataset = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
+    return dataset, DataStats(**index["stats"])

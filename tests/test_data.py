@@ -341,9 +341,18 @@ def test_token_cache_equals_direct_tokenization_and_is_reused(tok, tmp_path, mon
     assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
     assert got_stats == want_stats
 
+    # Tokenized in three slices (three ranks), then published: the same rows and stats.
+    sliced = tmp_path / "sliced"
+    for rank in range(3):
+        token_cache.build_slice(sliced, key, *args, rank=rank, world=3)
+    token_cache.publish(sliced, key, world=3)
+    got, got_stats = token_cache.load(sliced, key)
+    assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
+    assert got_stats == want_stats
+
     # Same inputs: the same key, and build() does not tokenize again.
     assert token_cache.cache_key(*args) == key
-    monkeypatch.setattr(token_cache, "load_stage_dataset", lambda *a, **k: pytest.fail("tokenized again"))
+    monkeypatch.setattr(token_cache, "tokenize_conversations", lambda *a, **k: pytest.fail("tokenized again"))
     assert token_cache.build(root, key, *args) is False
     monkeypatch.undo()
 
