@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from medcare_dist.adapter_io import AdapterCheckpointError, load_adapters, save_adapters
-from medcare_dist.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear
+from medcare_dist.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, add_low_rank
 from medcare_dist.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers, merge_all,
                                     merge_attention_lora, pop_expert_counts)
 from medcare_dist.orthogonal import orthogonality_residual
@@ -313,3 +313,25 @@ def test_invalid_shapes_rejected():
         LoRALinear(nn.Linear(4, 4), 0, 4)
     with pytest.raises(ValueError, match="complement"):
         OrthogonalLoRALinear(nn.Linear(4, 4), torch.randn(3, 4), torch.randn(4, 3), rank=2, alpha=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 12, 5, 3), (2, 9, 33, 17, 8)])
+def test_add_low_rank_matches_float64_reference_with_gradients(dtype, shape):
+    *lead, out, r = shape
+    g = torch.Generator().manual_seed(len(shape))
+    y0 = torch.randn(*lead, out, generator=g, dtype=torch.float64)
+    h0 = torch.randn(*lead, r, generator=g, dtype=torch.float64)
+    b0 = torch.randn(out, r, generator=g, dtype=torch.float64)
+    leaves = [t.to(dtype).requires_grad_() for t in (y0, h0, b0)]
+    got = add_low_rank(*leaves, 0.75)
+    grad_out = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    got.backward(grad_out.to(dtype))
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = ref_leaves[0] + 0.75 * ref_leaves[1] @ ref_leaves[2].t()
+    ref.backward(grad_out)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert got.shape == ref.shape and got.dtype == dtype
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=tol, atol=tol * max(1, r))
