@@ -6,8 +6,11 @@ import math
 import pytest
 import torch
 
+from medcare_dist import benchmarks as bm
 from medcare_dist import eval as ev
-from medcare_dist.eval import BenchmarkError, EvalSettings, Item
+from medcare_dist import scoring as sc
+from medcare_dist.benchmarks import BenchmarkError, Item
+from medcare_dist.eval import EvalSettings
 
 
 # ----- answer extraction and scoring ------------------------------------------------------------------------
@@ -33,7 +36,7 @@ from medcare_dist.eval import BenchmarkError, EvalSettings, Item
     ("", None),
 ])
 def test_extract_choice(text, expected):
-    assert ev.extract_choice(text, "ABCDE") == expected
+    assert sc.extract_choice(text, "ABCDE") == expected
 
 
 def mcq_item(gold, multi=None, letters="ABCD"):
@@ -44,50 +47,50 @@ def mcq_item(gold, multi=None, letters="ABCD"):
 
 def test_generated_mcq_scored_as_sets():
     multi = mcq_item(["A", "C"])
-    assert ev.score_generation(multi, "The answer is C, A.") == {"pred": ["A", "C"], "parsed": True, "score": 1.0}
-    assert ev.score_generation(multi, "答案为AC<|im_end|>junk")["score"] == 1.0
-    partial = ev.score_generation(multi, "The answer is A.")
+    assert sc.score_generation(multi, "The answer is C, A.") == {"pred": ["A", "C"], "parsed": True, "score": 1.0}
+    assert sc.score_generation(multi, "答案为AC<|im_end|>junk")["score"] == 1.0
+    partial = sc.score_generation(multi, "The answer is A.")
     assert partial["parsed"] and partial["score"] == 0.0        # a subset of the gold set is wrong
-    assert ev.score_generation(multi, "The answer is A, B, C")["score"] == 0.0
-    bad = ev.score_generation(multi, "no idea")
+    assert sc.score_generation(multi, "The answer is A, B, C")["score"] == 0.0
+    bad = sc.score_generation(multi, "no idea")
     assert bad == {"pred": None, "parsed": False, "score": 0.0}
     single = mcq_item(["B"])
-    assert ev.score_generation(single, "The answer is B")["score"] == 1.0
+    assert sc.score_generation(single, "The answer is B")["score"] == 1.0
 
 
 def test_select_options():
     scores = {"A": -0.5, "B": -3.0, "C": -0.6, "D": -4.0}
-    assert ev.select_options(scores, multi=False) == ["A"]
+    assert sc.select_options(scores, multi=False) == ["A"]
     # softmax: A 0.47, C 0.43, B 0.04, D 0.01 -> above 1/4: A and C
-    assert ev.select_options(scores, multi=True) == ["A", "C"]
-    assert ev.select_options(scores, multi=True, threshold=0.45) == ["A"]
-    assert ev.select_options(scores, multi=True, threshold=0.99) == ["A"]  # the argmax is always kept
-    assert ev.select_options(scores, multi=True, mode="top-gold", n_gold=3) == ["A", "B", "C"]
+    assert sc.select_options(scores, multi=True) == ["A", "C"]
+    assert sc.select_options(scores, multi=True, threshold=0.45) == ["A"]
+    assert sc.select_options(scores, multi=True, threshold=0.99) == ["A"]  # the argmax is always kept
+    assert sc.select_options(scores, multi=True, mode="top-gold", n_gold=3) == ["A", "B", "C"]
 
 
 def test_rouge_l_known_values():
     # LCS("the cat sat on the mat", "the cat on the mat") = 5: P = 5/6, R = 1
-    assert ev.rouge_l("The cat sat on the mat.", "the cat on the mat") == pytest.approx(2 * (5 / 6) / (5 / 6 + 1))
+    assert sc.rouge_l("The cat sat on the mat.", "the cat on the mat") == pytest.approx(2 * (5 / 6) / (5 / 6 + 1))
     # characters for Chinese: LCS("高血压病", "高血压") = 3: P = 3/4, R = 1
-    assert ev.rouge_l("高血压病", "高血压") == pytest.approx(6 / 7)
-    assert ev.rouge_l("E11.9 type 2 糖尿病", "type 2 糖尿病") == pytest.approx(2 * (5 / 7) / (5 / 7 + 1))
-    assert ev.rouge_l("", "x") == 0.0 and ev.rouge_l("abc", "abc") == 1.0 and ev.rouge_l("a b", "c d") == 0.0
+    assert sc.rouge_l("高血压病", "高血压") == pytest.approx(6 / 7)
+    assert sc.rouge_l("E11.9 type 2 糖尿病", "type 2 糖尿病") == pytest.approx(2 * (5 / 7) / (5 / 7 + 1))
+    assert sc.rouge_l("", "x") == 0.0 and sc.rouge_l("abc", "abc") == 1.0 and sc.rouge_l("a b", "c d") == 0.0
 
 
 def test_set_items_and_micro_f1():
     gold = ["高血压", "2型糖尿病"]
-    assert ev.parse_set_answer('实体：["高血压", "冠心病"]') == sorted(["高血压", "冠心病"])
-    assert ev.parse_set_answer("高血压；2型糖尿病") == sorted(gold)
-    assert ev.parse_set_answer("高血压##2型糖尿病") == sorted(gold)
-    assert ev.parse_set_answer("[]") == [] and ev.parse_set_answer("   ") is None
-    assert ev.parse_set_answer('[{"entity": "Fever", "type": "sym"}]') == [ev.norm_set_item({"entity": "fever",
+    assert sc.parse_set_answer('实体：["高血压", "冠心病"]') == sorted(["高血压", "冠心病"])
+    assert sc.parse_set_answer("高血压；2型糖尿病") == sorted(gold)
+    assert sc.parse_set_answer("高血压##2型糖尿病") == sorted(gold)
+    assert sc.parse_set_answer("[]") == [] and sc.parse_set_answer("   ") is None
+    assert sc.parse_set_answer('[{"entity": "Fever", "type": "sym"}]') == [bm.norm_set_item({"entity": "fever",
                                                                                             "type": "sym"})]
     items = [Item("f", i, "set", "ner", [{"role": "user", "content": "x"}], sorted(g), extractor="set")
              for i, g in enumerate([gold, ["发热"], ["咳嗽", "发热"]])]
     outputs = ['["高血压", "冠心病"]', "", "咳嗽，发热"]
-    records = [ev._record(it, "generate", ev.score_generation(it, o)) for it, o in zip(items, outputs)]
+    records = [ev._record(it, "generate", sc.score_generation(it, o)) for it, o in zip(items, outputs)]
     # tp = 1 + 0 + 2, fp = 1, fn = 1 + 1: P = 3/4, R = 3/5
-    (row,) = ev.aggregate(records)
+    (row,) = sc.aggregate(records)
     assert row["metric"] == "micro_f1" and row["unparsed"] == 1 and row["n"] == 3
     assert row["precision"] == pytest.approx(0.75) and row["recall"] == pytest.approx(0.6)
     assert row["score"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
@@ -100,12 +103,12 @@ def test_aggregate_rows_and_table():
 
     records = [rec("a.jsonl", "单项选择题", "generate", 1.0), rec("a.jsonl", "多项选择题", "generate", 0.0, False),
                rec("a.jsonl", "多项选择题", "generate", 1.0), rec("b.jsonl", "mcq", "generate", 0.0)]
-    rows = ev.aggregate(records)
+    rows = sc.aggregate(records)
     got = {(r["file"], r["type"]): (r["n"], r["score"], r["unparsed"]) for r in rows}
     assert got == {("a.jsonl", "all"): (3, pytest.approx(2 / 3), 1), ("a.jsonl", "单项选择题"): (1, 1.0, 0),
                    ("a.jsonl", "多项选择题"): (2, 0.5, 1), ("b.jsonl", "all"): (1, 0.0, 0),
                    ("ALL", "mean over files"): (4, pytest.approx(1 / 3), 1)}
-    table = ev.markdown_table(rows).splitlines()
+    table = sc.markdown_table(rows).splitlines()
     assert table[2] == "| a.jsonl | all | generate | accuracy | 3 | 66.67 | 1 |"
     assert table[3] == "|  | 单项选择题 | generate | accuracy | 1 | 100.00 | 0 |"
 
@@ -123,7 +126,7 @@ def test_common_mcq_formats(tmp_path):
          "options": {"A": "Heparin", "B": "Warfarin", "C": "Aspirin", "D": "Ibuprofen"}, "meta_info": "step1"},
         {"question": "Which?", "answer": "ACE inhibitor", "options": {"A": "x", "B": "y", "C": "ACE inhibitor"}},
     ])
-    items, _ = ev.load_benchmark(medqa)
+    items, _ = bm.load_benchmark(medqa)
     assert [it.gold for it in items] == [["C"], ["C"]] and items[0].type == "mcq-single"
     assert "C. Aspirin" in items[0].messages[0]["content"] and "The answer is X" in items[0].messages[0]["content"]
 
@@ -133,11 +136,11 @@ def test_common_mcq_formats(tmp_path):
         {"id": "q2", "question": "b?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 1,
          "choice_type": "multi"},
     ])
-    items, _ = ev.load_benchmark(medmcqa)
+    items, _ = bm.load_benchmark(medmcqa)
     assert [it.gold for it in items] == [["D"], ["A"]] and items[1].id == "q2"
     assert not items[1].multi  # MedMCQA "multi" means a multi-statement stem, one right option
     with pytest.raises(BenchmarkError, match=r"medmcqa\.jsonl:1: field 'cop': answer index 4 out of range"):
-        ev.load_benchmark(medmcqa, index_base=0)
+        bm.load_benchmark(medmcqa, index_base=0)
 
     cmb = write_jsonl(tmp_path / "cmb.jsonl", [
         {"exam_type": "医师考试", "question": "以下哪些是高血压的危险因素？", "answer": "AB", "question_type": "多项选择题",
@@ -145,25 +148,25 @@ def test_common_mcq_formats(tmp_path):
         {"question": "下列哪项正确？", "answer": "C", "question_type": "多项选择题",
          "option": {"A": "甲", "B": "乙", "C": "丙"}},
     ])
-    items, _ = ev.load_benchmark(cmb)
+    items, _ = bm.load_benchmark(cmb)
     assert items[0].gold == ["A", "B"] and items[0].multi and [l for l, _ in items[0].options] == ["A", "B", "C"]
     assert items[1].multi and items[1].gold == ["C"]  # the type says multi even with one right option
     assert items[0].lang == "zh" and "答案为XY" in items[0].messages[0]["content"]
 
     cmexam = write_jsonl(tmp_path / "cmexam.jsonl", [
         {"Question": "首选药物是", "Options": "A 阿司匹林\nB 肝素\nC 华法林", "Answer": "A,C", "Explanation": ""}])
-    (it,) = ev.load_benchmark(cmexam)[0]
+    (it,) = bm.load_benchmark(cmexam)[0]
     assert it.options == [("A", "阿司匹林"), ("B", "肝素"), ("C", "华法林")] and it.gold == ["A", "C"]
 
     ceval = tmp_path / "ceval.json"  # a JSON list: each row's line is where it starts
     ceval.write_text('[\n  {"question": "q1", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "B"},\n'
                      '  {"question": "q2", "choices": ["a", "b", "c"], "answer": 0}\n]\n', encoding="utf-8")
-    items, _ = ev.load_benchmark(ceval)
+    items, _ = bm.load_benchmark(ceval)
     assert [(it.line, it.gold) for it in items] == [(2, ["B"]), (3, ["A"])]
 
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"version": 1, "data": [{"query": "q", "choices": ["x", "y"], "label": [0, 1]}]}))
-    (it,) = ev.load_benchmark(wrapped)[0]
+    (it,) = bm.load_benchmark(wrapped)[0]
     assert it.gold == ["A", "B"] and it.multi and it.type == "mcq-multi"
 
 
@@ -176,15 +179,15 @@ def test_generation_rows_and_kinds(tmp_path):
                       {"role": "assistant", "content": "{}"}], "task": "cdn", "code": "E11.9",
          "gold": {"code": "E11.9", "term": "Type 2 diabetes mellitus without complications"}},
     ])
-    a, b, c, d = ev.load_benchmark(path)[0]
+    a, b, c, d = bm.load_benchmark(path)[0]
     assert (a.kind, a.type, a.gold) == ("set", "CMeEE", ["糖尿病", "高血压"])
     assert a.messages == [{"role": "user", "content": "找出疾病实体\n患者有高血压和糖尿病"}]
     assert (b.kind, b.gold, b.messages[0]["content"]) == ("set", ["偏头痛", "头痛"], "头痛三天")
     assert (c.kind, c.gold, len(c.messages)) == ("text", "患者男，45岁", 1)
     assert (d.kind, d.extractor, d.gold) == ("exact", "stage2_code", "E11.9")
-    assert ev.score_generation(d, '{"code": "E11.9", "term": "whatever"}')["score"] == 1.0
-    assert ev.score_generation(d, '{"code": "E11.8"}')["score"] == 0.0
-    assert not ev.score_generation(d, "E11.9")["parsed"]
+    assert sc.score_generation(d, '{"code": "E11.9", "term": "whatever"}')["score"] == 1.0
+    assert sc.score_generation(d, '{"code": "E11.8"}')["score"] == 0.0
+    assert not sc.score_generation(d, "E11.9")["parsed"]
 
 
 @pytest.mark.parametrize("row,message", [
@@ -201,8 +204,8 @@ def test_unreadable_rows_name_file_line_field(tmp_path, row, message):
     good = {"question": "fine", "options": {"A": "x", "B": "y"}, "answer": "A"}
     path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(BenchmarkError, match=message):
-        ev.load_benchmark(path)
-    items, skipped = ev.load_benchmark(path, on_bad_row="skip")
+        bm.load_benchmark(path)
+    items, skipped = bm.load_benchmark(path, on_bad_row="skip")
     assert len(items) == 1 and skipped[0][0] == 2
 
 
@@ -210,7 +213,7 @@ def test_invalid_json_is_located(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text('{"question": "q", "options": ["x", "y"], "answer": "A"}\n\n{"question": oops}\n')
     with pytest.raises(BenchmarkError, match=r"b\.jsonl:3: invalid JSON"):
-        ev.load_benchmark(path)
+        bm.load_benchmark(path)
 
 
 # ----- the model side on a tiny random Qwen2 ----------------------------------------------------------------
@@ -286,7 +289,7 @@ def test_loglik_scorer_matches_per_option_computation(model_and_tok):
             assert rec["option_scores"].keys() == expected.keys()
             for letter in expected:
                 assert rec["option_scores"][letter] == pytest.approx(expected[letter], abs=1e-4)
-            assert rec["pred"] == ev.select_options(expected, it.multi)
+            assert rec["pred"] == sc.select_options(expected, it.multi)
             assert rec["score"] == float(rec["pred"] == it.gold)
     ctx, cont = ev.mcq_requests(tok, items[0], None, "option")[2]
     assert ctx.endswith("<|im_start|>assistant\nThe answer is ") and cont == "C. Essential (primary) hypertension"
