@@ -371,12 +371,13 @@ class StageTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
             periodic = self.cfg.save_every and (step + 1) % self.cfg.save_every == 0
-            if (periodic or preempted) and step + 1 < self.total_steps:
+            streak = self._nonfinite_streak()
+            stop = streak > self.max_nonfinite_steps  # saves even at the last step: the run ends in an error
+            if ((periodic or preempted) and step + 1 < self.total_steps) or stop:
                 res.seconds += time.perf_counter() - t_stage
                 t_stage = time.perf_counter()
                 self._save(step + 1)
-            streak = self._nonfinite_streak()
-            if streak > self.max_nonfinite_steps:
+            if stop:
                 bar.close()
                 self._stop_after_nonfinite(step + 1, streak)
             if preempted:
@@ -422,7 +423,6 @@ class StageTrainer:
         return streak
 
     def _stop_after_nonfinite(self, step: int, streak: int):
-        self._save(step)
         raise NonFiniteStepsError(
             f"{self.name}: {streak} optimizer steps in a row ({step - streak + 1}..{step}) had a non-finite loss "
             f"or gradient, more than fault_tolerance.max_nonfinite_steps={self.max_nonfinite_steps}; none of them "

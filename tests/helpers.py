@@ -3,6 +3,8 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,3 +52,18 @@ def losses(out: Path, stage: str) -> list[float]:
 def check(proc, what: str):
     if proc.returncode != 0:
         raise AssertionError(f"{what} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def start_two_node_launchers(tmp_path: Path, args, env, cwds=(REPO, REPO), **popen) -> list:
+    """One deepspeed launcher per simulated node (--no_ssh, node ranks 0 and 1, one rank each, loopback),
+    as srun starts them; `args` go to launch/train.py. Returns the two Popen objects (text pipes)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names only: --no_ssh never resolves them
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                              "--no_ssh", "--node_rank", str(node), "--num_nodes", "2", "--num_gpus", "1",
+                              "--master_addr", "127.0.0.1", "--master_port", str(port),
+                              str(REPO / "launch" / "train.py"), *args],
+                             env=env, cwd=cwds[node], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             **popen)
+            for node in (0, 1)]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, base_env, check, free_port, losses, train_args
+from helpers import REPO, base_env, check, free_port, losses, start_two_node_launchers, train_args
 
 PY = sys.executable
 SLURM = REPO / "launch" / "slurm"
@@ -453,16 +453,8 @@ def one_node_two_ranks(tiny_assets, tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_simulated_nodes_match_one_node_of_two_ranks(tiny_assets, one_node_two_ranks, tmp_path):
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names only: --no_ssh never resolves them
-    port = free_port()
     out = tmp_path / "run"
-    procs = [subprocess.Popen([PY, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-                               "--node_rank", str(rank), "--num_nodes", "2", "--num_gpus", "1",
-                               "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "launch/train.py", *train_args(tiny_assets, out)],
-                              env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
+    procs = start_two_node_launchers(tmp_path, train_args(tiny_assets, out), base_env())
     results = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, results):
         if p.returncode != 0:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, RECIPE, base_env, check, free_port, losses, train_args
+from helpers import REPO, RECIPE, base_env, check, free_port, losses, start_two_node_launchers, train_args
 
 from medcare_dist.checkpoint import safe_load
 from medcare_dist.config import load_config
@@ -128,16 +128,9 @@ def test_a_lost_rank_on_another_node_fails_the_job_in_bounded_time(tiny_assets, 
     its sockets left open, as a node that stopped answering). A killed peer fails rank 0 at once,
     a frozen one after fault_tolerance.collective_timeout_s."""
     timeout_s = 120 if mode == "kill" else 20
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = free_port()
     args = train_args(tiny_assets, tmp_path / "run", **{"fault_tolerance.collective_timeout_s": timeout_s})
-    procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-                               "--no_ssh", "--node_rank", str(node), "--num_nodes", "2", "--num_gpus", "1",
-                               "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py", *args],
-                              env=base_env(MEDCARE_FAIL_AT=f"stage1:3:1:{mode}"), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for node in (0, 1)]
+    procs = start_two_node_launchers(tmp_path, args, base_env(MEDCARE_FAIL_AT=f"stage1:3:1:{mode}"),
+                                     start_new_session=True)
     try:
         log = tmp_path / "run" / "train.log"
         t0 = time.time()
@@ -200,18 +193,10 @@ def test_resume_refuses_other_settings_and_applies_a_new_lr(tiny_assets, tmp_pat
 def test_an_output_dir_the_nodes_do_not_share_is_refused_by_every_rank(tiny_assets, tmp_path):
     """Two per-node launchers in different working directories and a relative output_dir: each node
     sees its own directory, as with node-local disks. Checkpoints would be missing shards."""
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = free_port()
-    args = train_args(tiny_assets, "run")
-    procs = []
-    for node in (0, 1):
-        (tmp_path / f"node{node}").mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-             "--node_rank", str(node), "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
-             "--master_port", str(port), str(REPO / "launch" / "train.py"), *args],
-            env=base_env(), cwd=tmp_path / f"node{node}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    cwds = (tmp_path / "node0", tmp_path / "node1")
+    for cwd in cwds:
+        cwd.mkdir()
+    procs = start_two_node_launchers(tmp_path, train_args(tiny_assets, "run"), base_env(), cwds)
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode != 0
