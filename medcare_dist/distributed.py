@@ -2,6 +2,7 @@
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,23 @@ def init_distributed(timeout_s: int = 1800):
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=True, verbose=False, timeout=timedelta(seconds=timeout_s),
                                    distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
-    return dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
+    _release_shm_name(rank)
+    return rank, dist.get_world_size()
+
+
+def _release_shm_name(rank: int):
+    """Remove the /dev/shm name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
+
+    With all ranks on one host, DeepSpeed creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (about 67 MB, in RAM) and never unlinks it, so every run leaves its buffers behind until /dev/shm fills.
+    Each rank maps every rank's buffer inside deepspeed.init_distributed; after a barrier the names can go,
+    and the mappings stay valid until the processes exit.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    barrier()
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def barrier():

@@ -110,11 +110,14 @@ def test_a_checkpoint_cut_off_before_publishing_is_never_loaded(tiny_assets, tmp
 @pytest.mark.slow
 def test_a_nan_on_one_rank_is_discarded_by_every_rank(tiny_assets, tmp_path):
     overrides = {"stage": 1, "stage1.save_every": 1, "logging.keep_last": 10}
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(free_port()), "launch/train.py", *train_args(tiny_assets, tmp_path, **overrides)],
+                           str(port), "launch/train.py", *train_args(tiny_assets, tmp_path, **overrides)],
                           env=base_env(MEDCARE_NONFINITE_AT="stage1:2:1"), cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     check(proc, "2 ranks, NaN loss on rank 1 at step 2")
+    # DeepSpeed's CPU all-reduce buffers (67 MB of RAM each) are not left behind in /dev/shm.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert result(tmp_path)["result"]["skipped_steps"] == [[2, "non-finite loss"]]
     for rank in (0, 1):  # each rank's partition: unchanged by step 2, changed by step 3
         assert same(optimizer_state(tmp_path, 1, rank), optimizer_state(tmp_path, 2, rank))
