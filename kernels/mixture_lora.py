@@ -74,7 +74,7 @@ class _MixtureLoRATorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xa, weight, bias, router_weight, router_bias, shared_A, shared_B, expert_A, expert_B,
-                top_k, scaling):
+                top_k, scaling, routed_mask):
         num_experts, rank, d_in = expert_A.shape
         r_k = shared_A.shape[0]
         R = r_k + num_experts * rank
@@ -100,6 +100,9 @@ class _MixtureLoRATorch(torch.autograd.Function):
         topk_p, topk_idx = probs.topk(top_k, dim=-1)
         topk_w = topk_p / topk_p.sum(dim=-1, keepdim=True)
         gates = torch.zeros(T, num_experts, dtype=rdt, device=xa.device).scatter_(1, topk_idx, topk_w)
+        if routed_mask is not None:
+            # Tokens whose Noise Aggregator is switched off: the routed gates are 0, the KA stays on.
+            gates.mul_(routed_mask.to(rdt).unsqueeze(-1))
 
         h_g = h.clone()                                                         # gate
         h_g[:, r_k:].view(T, num_experts, rank).mul_(gates.to(adt).unsqueeze(-1))
@@ -124,12 +127,13 @@ class _MixtureLoRATorch(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(x if weight is not None else None, xa, weight, router_weight, a_ext, b_stack_t,
-                              h, h_g, probs, gates, topk_idx)
+                              h, h_g, probs, gates, topk_idx, routed_mask)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, weight, router_weight, a_ext, b_stack_t, h, h_g, probs, gates, topk_idx = ctx.saved_tensors
+        x, xa, weight, router_weight, a_ext, b_stack_t, h, h_g, probs, gates, topk_idx, routed_mask = \
+            ctx.saved_tensors
         num_experts, rank, d_in = ctx.shapes
         r_k, s, fold = ctx.r_k, ctx.scaling, ctx.fold
         R = r_k + num_experts * rank
@@ -153,6 +157,8 @@ class _MixtureLoRATorch(torch.autograd.Function):
         dh.mul_(s)
         dh_e = dh[:, r_k:].view(T, num_experts, rank)
         dgate = (dh_e * h[:, r_k:].view(T, num_experts, rank)).sum(-1).to(probs.dtype)   # [T, E]
+        if routed_mask is not None:
+            dgate.mul_(routed_mask.to(dgate.dtype).unsqueeze(-1))  # a switched-off gate passes no gradient
         dh_e.mul_(gates.to(adt).unsqueeze(-1))                                            # dH = dH_g * gate
 
         # Router: gates = scatter(p_sel / sum p_sel), then the softmax backward.
@@ -201,31 +207,37 @@ class _MixtureLoRATorch(torch.autograd.Function):
         # The base weight is frozen in the adapters; stay correct if it is not.
         d_w = torch.mm(dy.t(), x).to(weight.dtype) if (n_w and weight is not None) else None
         d_b = dy.sum(0) if (n_b and ctx.has_bias) else None
-        return (d_x, d_xa, d_w, d_b, d_rw, d_rb, d_sa, d_sb, d_ea, d_eb, None, None)
+        return (d_x, d_xa, d_w, d_b, d_rw, d_rb, d_sa, d_sb, d_ea, d_eb, None, None, None)
 
 
 def mixture_lora_torch(x, weight, bias, router_weight, router_bias, shared_A, shared_B,
-                       expert_A, expert_B, top_k, scaling, adapter_x=None):
+                       expert_A, expert_B, top_k, scaling, adapter_x=None, routed_mask=None):
     """Plain-PyTorch shrink-gate-expand path (the CPU production path).
 
     x: [T, in] in the base dtype; weight: [out, in]; shared_A: [r_k, in];
     shared_B: [out, r_k]; expert_A: [E, r, in]; expert_B: [E, out, r].
     `weight=None` returns the adapter delta only (in the adapter dtype).
     `adapter_x` (default x) is the adapter-path input, which differs from x
-    only under LoRA dropout.
+    only under LoRA dropout. `routed_mask` ([T], 1 keep / 0 off) switches the
+    Noise Aggregator off for some tokens: their routed gates are 0 (the
+    experts and the router still get a gradient tensor, zero for those tokens,
+    so every ZeRO-3 rank reduces the same parameters).
     """
     if not 1 <= top_k <= expert_A.shape[0]:
         raise ValueError(f"top_k must be in [1, {expert_A.shape[0]}], got {top_k}")
     return _MixtureLoRATorch.apply(x, adapter_x, weight, bias, router_weight, router_bias, shared_A, shared_B,
-                                   expert_A, expert_B, top_k, scaling)
+                                   expert_A, expert_B, top_k, scaling, routed_mask)
 
 
 def fused_mixture_lora(x, weight, bias, router_weight, router_bias, shared_A, shared_B,
-                       expert_A, expert_B, top_k, scaling):
-    """The mixture-of-LoRA layer output for x [T, in]: Triton on CUDA, PyTorch elsewhere."""
-    if use_triton(x, weight):
+                       expert_A, expert_B, top_k, scaling, routed_mask=None):
+    """The mixture-of-LoRA layer output for x [T, in]: Triton on CUDA, PyTorch elsewhere.
+
+    A `routed_mask` (see mixture_lora_torch) takes the PyTorch path: the Triton kernels gate every token.
+    """
+    if routed_mask is None and use_triton(x, weight):
         from .mixture_lora_triton import mixture_lora_triton
         return mixture_lora_triton(x, weight, bias, router_weight, router_bias, shared_A,
                                    shared_B, expert_A, expert_B, top_k, scaling)
     return mixture_lora_torch(x, weight, bias, router_weight, router_bias, shared_A, shared_B,
-                              expert_A, expert_B, top_k, scaling)
+                              expert_A, expert_B, top_k, scaling, routed_mask=routed_mask)

@@ -1,9 +1,12 @@
-"""Ablation of the method on the embedded data: stage 1 only vs stage 2 with hard / soft / no orthogonality.
+"""Ablation of the method on the embedded data: stage 1 after TAIA vs stage-2 variants (plain sequential LoRA,
+MedCare hard / soft, frozen Knowledge Aggregator, replay).
 
 Reports, per variant and over seeds (mean and spread), knowledge-task results on
-the stage-1 held-out split (held-out loss: the forgetting signal; accuracies)
-and alignment-task results on the stage-2 held-out split (loss, format rate,
-code accuracy). Usage: python launch/ablation.py --recipe launch/recipes/ablation.yaml
+the stage-1 held-out split (held-out loss; accuracies; the share of the TAIA
+model's description->code accuracy kept), alignment-task results on the stage-2
+held-out split (loss, format rate, code accuracy) and general retention (the
+final model against the base's own answers to general prompts, medcare_dist.retention).
+Usage: python launch/ablation.py --recipe launch/recipes/ablation.yaml
 """
 
 import argparse
@@ -18,8 +21,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 METRICS = [("knowledge_loss", "knowledge held-out loss", "lower"), ("mcq_acc", "MCQ accuracy", "higher"),
            ("desc_to_code_acc", "description->code accuracy", "higher"),
+           ("knowledge_kept", "share of the TAIA model's description->code accuracy kept", "higher"),
            ("alignment_loss", "alignment held-out loss", "lower"), ("cdn_format", "CDN format rate", "higher"),
-           ("cdn_acc", "CDN code accuracy", "higher")]
+           ("cdn_acc", "CDN code accuracy", "higher"),
+           ("general_loglik", "general: loglik/token of the base's answers", "higher"),
+           ("general_close", "general: answers close to the base's", "higher")]
 
 
 def train(recipe: Path, args: list[str]):
@@ -46,14 +52,21 @@ def merged_stage1_model(stage1_dir: Path) -> Path:
     return out
 
 
-def evaluate(model_dir: Path, assets) -> dict:
+def evaluate(model_dir: Path, assets, reference: dict, taia_desc_to_code: float | None) -> dict:
     from medcare_dist.demo_eval import evaluate_demo, heldout_loss
+    from medcare_dist.eval import load_model
+    from medcare_dist.retention import score_retention
 
-    acc = evaluate_demo(model_dir, assets)
+    loaded = load_model(model_dir, dtype="fp32", device="cpu")
+    acc = evaluate_demo(model_dir, assets, loaded=loaded)
+    general = score_retention(*loaded, reference)
+    d2c = acc["desc_to_code"]["score"]
     return {"knowledge_loss": heldout_loss(model_dir, assets.files["stage1_eval"]),
             "alignment_loss": heldout_loss(model_dir, assets.files["stage2_eval"]),
-            "mcq_acc": acc["mcq"]["score"], "desc_to_code_acc": acc["desc_to_code"]["score"],
-            "cdn_format": acc["cdn"]["parsed_rate"], "cdn_acc": acc["cdn"]["score"]}
+            "mcq_acc": acc["mcq"]["score"], "desc_to_code_acc": d2c,
+            "knowledge_kept": d2c / taia_desc_to_code if taia_desc_to_code else 0.0,
+            "cdn_format": acc["cdn"]["parsed_rate"], "cdn_acc": acc["cdn"]["score"],
+            "general_loglik": general["mean_token_loglik"], "general_close": general["close_fraction"]}
 
 
 def summarise(results: dict) -> dict:
@@ -123,8 +136,11 @@ def main(argv=None):
         s1 = (out / f"seed{seed}" / "stage1").resolve()
         train(base, [f"output_dir={s1}", "stage=1", f"seed={seed}", *common])
         from medcare_dist.demo import prepare_demo
+        from medcare_dist.retention import read_reference
 
         assets = prepare_demo(s1 / "demo_assets")
+        reference = read_reference(s1, s1 / "demo_assets" / "base_model")
+        taia = None  # the first variant must be the stage-1 model after TAIA (extra: null)
         for variant, extra in spec["variants"].items():
             if extra is None:
                 model_dir = merged_stage1_model(s1)
@@ -134,7 +150,9 @@ def main(argv=None):
                              f"model.path={s1 / 'demo_assets' / 'base_model'}",
                              f"data.stage2=[{assets.files['stage2_train']}]", *common, *extra])
                 model_dir = run / "final"
-            results[variant][seed] = evaluate(model_dir, assets)
+            results[variant][seed] = evaluate(model_dir, assets, reference, taia)
+            if extra is None:
+                taia = results[variant][seed]["desc_to_code_acc"]
             print(variant, seed, json.dumps(results[variant][seed]), flush=True)
     summary = summarise(results)
     (out / "ablation.json").write_text(json.dumps({"spec": spec, "results": results, "summary": summary}, indent=1))

@@ -164,14 +164,22 @@ class MixtureOfLoRALinear(_AdapterBase):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Tokens routed to each expert since the last `pop_expert_counts`.
         self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
+        # The trainer switches the Noise Aggregator off for some micro-batches (adapters.noise_drop_prob),
+        # so that the Knowledge Aggregator learns to stand alone, as it must after the TAIA step.
+        self.noise_off = False
 
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = x2.to(self.expert_A.dtype)
-        track = torch.is_grad_enabled()  # once per micro-step, even with checkpoint recompute
-        if track or self.aux_loss_coef > 0:
-            with torch.set_grad_enabled(track and self.aux_loss_coef > 0):
+        noise_off = self.noise_off and self.training
+        # All-zero gates rather than skipping the experts: they and the router still get a (zero)
+        # gradient, so every ZeRO-3 rank reduces the same parameters whichever micro-batches dropped.
+        routed_mask = xa.new_zeros(xa.shape[0]) if noise_off else None
+        track = torch.is_grad_enabled() and not noise_off  # once per micro-step, even with checkpoint recompute
+        aux = self.aux_loss_coef > 0 and not noise_off
+        if track or aux:
+            with torch.set_grad_enabled(track and aux):
                 probs, topk_idx, _ = route_top_k(xa, self.router.weight, self.router.bias, self.top_k)
             if track:
                 counts = torch.bincount(topk_idx.flatten(), minlength=self.num_experts)
@@ -180,11 +188,11 @@ class MixtureOfLoRALinear(_AdapterBase):
                 self.expert_A, self.expert_B, self.top_k, self.scaling)
         if isinstance(self.dropout, nn.Dropout) and self.training:
             y = self.base(x2)
-            delta = mixture_lora_torch(x2, None, None, *args, adapter_x=self.dropout(xa))
+            delta = mixture_lora_torch(x2, None, None, *args, adapter_x=self.dropout(xa), routed_mask=routed_mask)
             y = y + delta.to(y.dtype)
         else:
-            y = fused_mixture_lora(x2, self.base.weight, self.base.bias, *args)
-        if self.aux_loss_coef > 0 and track:
+            y = fused_mixture_lora(x2, self.base.weight, self.base.bias, *args, routed_mask=routed_mask)
+        if aux and track:
             y = self._with_penalty(y, self.aux_loss_coef * switch_balance_loss(probs, topk_idx))
         return y.view(*shape[:-1], self.out_features)
 

@@ -20,8 +20,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "TinyModelConfig", "DataSource", "DataConfig", "AdapterConfig",
-    "StageConfig", "DeepSpeedSection", "LoggingConfig", "load_config", "build_ds_config", "resolve_dtype",
-    "resolve_ds_config_path", "REPO_ROOT",
+    "StageConfig", "DeepSpeedSection", "LoggingConfig", "EvaluationConfig", "load_config", "build_ds_config",
+    "resolve_dtype", "resolve_ds_config_path", "REPO_ROOT",
 ]
 
 # The repository root: relative DeepSpeed config paths in recipes are written from here.
@@ -75,6 +75,9 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     demo_seed: int = 0
     packing: bool = True  # pack each micro-batch's samples into rows of <= max_length (medcare_dist.packing)
+    # Stage 2 also trains on this many stage-1 rows per stage-2 row (a seeded subset of data.stage1): replay
+    # against forgetting. 0: none.
+    stage2_replay: float = 0.0
 
 
 @dataclass
@@ -91,6 +94,9 @@ class AdapterConfig:
     shared_rank: int = 32
     expert_dropout: float = 0.0
     router_aux_loss_coef: float = 0.0
+    # Share of stage-1 micro-batches trained with the Noise Aggregator switched off, so the Knowledge
+    # Aggregator (all the TAIA step keeps) must carry the knowledge alone (docs/method.md).
+    noise_drop_prob: float = 0.5
     align_rank: int = 32
     align_alpha: float = 64.0
     orthogonality: Literal["hard", "soft", "both", "none"] = "hard"
@@ -128,6 +134,13 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    # Record the base model's answers to general prompts before stage 1 and score every model along the
+    # pipeline against them in the report (medcare_dist.retention).
+    general_retention: bool = True
+
+
+@dataclass
 class FaultToleranceConfig:
     max_nonfinite_steps: int = 3  # optimizer steps in a row with a NaN/inf loss or gradient before save-and-stop
     collective_timeout_s: int = 1800  # a collective waiting longer (a dead or hung rank) fails every rank
@@ -147,6 +160,7 @@ class RunConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def to_dict(self) -> dict:
@@ -523,6 +537,7 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
     d = cfg.data
     positive("data.max_length", d.max_length)
     non_negative("data.demo_seed", d.demo_seed)
+    non_negative("data.stage2_replay", d.stage2_replay)
     for stage in ("stage1", "stage2"):
         for i, src in enumerate(getattr(d, stage)):
             if not src.path.strip():
@@ -539,6 +554,8 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
     unit_interval("adapters.attn_dropout", a.attn_dropout)
     unit_interval("adapters.expert_dropout", a.expert_dropout)
     non_negative("adapters.router_aux_loss_coef", a.router_aux_loss_coef)
+    if not 0.0 <= a.noise_drop_prob <= 1.0:
+        fail("adapters.noise_drop_prob", f"must be in [0, 1], got {a.noise_drop_prob}")
     non_negative("adapters.orthogonality_lambda", a.orthogonality_lambda)
     if not a.mlp_targets:
         fail("adapters.mlp_targets", "must name at least one MLP projection (the mixture-of-LoRA layers)")

@@ -167,6 +167,12 @@ def pop_expert_counts(model: nn.Module) -> dict:
     return out
 
 
+def set_noise_aggregator_off(model: nn.Module, off: bool):
+    """Switch every mixture layer's routed experts off (training only) for the next forward."""
+    for _, layer in adapter_layers(model, MixtureOfLoRALinear):
+        layer.noise_off = off
+
+
 def set_penalty_grad_scale(model: nn.Module, scale: float):
     for _, layer in adapter_layers(model):
         layer.penalty_grad_scale = scale

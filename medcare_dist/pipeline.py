@@ -127,7 +127,10 @@ class Pipeline:
         cfg = self.cfg
         sources = {"stage1": [s.__dict__ for s in cfg.data.stage1], "stage2": [s.__dict__ for s in cfg.data.stage2]}
         base_path = Path(cfg.model.path) if cfg.model.path else None
-        needs_demo = base_path is None or any(not sources[s] for s in ("stage1", "stage2") if s in self.steps)
+        wanted = [s for s in ("stage1", "stage2") if s in self.steps]
+        if "stage2" in self.steps and cfg.data.stage2_replay > 0 and "stage1" not in wanted:
+            wanted.insert(0, "stage1")  # stage 2 replays stage-1 rows
+        needs_demo = base_path is None or any(not sources[s] for s in wanted)
         if needs_demo:
             from .demo import prepare_demo
 
@@ -145,8 +148,8 @@ class Pipeline:
             assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)  # already built: only reads
             if base_path is None:
                 base_path = demo_dir / "base_model"
-            for stage in ("stage1", "stage2"):
-                if not sources[stage] and stage in self.steps:
+            for stage in wanted:
+                if not sources[stage]:
                     sources[stage] = [{"path": str(assets.files[f"{stage}_train"]), "format": "messages",
                                        "max_samples": None}]
             self.demo_assets = assets
@@ -183,15 +186,16 @@ class Pipeline:
             raise ConfigError(f"the adapters do not fit {self.base_path} ({config.model_type}):\n  "
                               + "\n  ".join(problems))
 
-    def _dataset(self, stage: str):
-        from . import token_cache
-        from .data import check_usable, collate
+    def _tokenized(self, sources, root: Path):
+        """(dataset, stats, key) of `sources` tokenized into the cache under `root`.
 
-        # Every rank tokenizes a slice into the cache (or finds it built by an earlier attempt), then
-        # memory-maps the whole. Bad data raises the same DataError on every rank, before any barrier.
-        root = self.out / stage / "tokenized"
-        args = (self.sources[stage], self.tokenizer, self.cfg.data.max_length, self.cfg.data.on_bad_row,
-                self.cfg.seed)
+        Every rank tokenizes a slice into the cache (or finds it built by an earlier attempt), then
+        memory-maps the whole. Bad data raises the same DataError on every rank, before any barrier.
+        """
+        from . import token_cache
+        from .data import check_usable
+
+        args = (sources, self.tokenizer, self.cfg.data.max_length, self.cfg.data.on_bad_row, self.cfg.seed)
         key = token_cache.cache_key(*args)
         built = not token_cache.is_built(root, key)  # the same on every rank: nothing is published before
         if built:                                    # the barrier below
@@ -201,16 +205,40 @@ class Pipeline:
                 token_cache.publish(root, key, self.world)
             barrier()
         dataset, stats = token_cache.load(root, key)
-        check_usable(stats, self.sources[stage])
+        check_usable(stats, sources)
         if self.rank == 0:
-            log.info("%s data (%s %s): %s", stage, "tokenized into" if built else "reused", root / key,
+            log.info("%s data (%s %s): %s", root.parent.name, "tokenized into" if built else "reused", root / key,
                      json.dumps(stats.to_dict()))
+        return dataset, stats, key
+
+    def _dataset(self, stage: str):
+        from .data import collate
+
+        dataset, stats, key = self._tokenized(self.sources[stage], self.out / stage / "tokenized")
+        if stage == "stage2" and self.cfg.data.stage2_replay > 0:
+            dataset, key = self._with_replay(dataset, key)
         pad_id, max_length = self.tokenizer.pad_token_id, self.cfg.data.max_length
         if self.cfg.data.packing:
             # Each micro-batch's samples packed into rows of <= max_length (position_ids restart per sample,
             # no attention_mask): the same samples and loss tokens, a fraction of the padding.
             return dataset, stats, (lambda batch: collate_packed(batch, pad_id, max_length, pad_to_multiple_of=8)), key
         return dataset, stats, (lambda batch: collate(batch, pad_id)), key
+
+    def _with_replay(self, dataset, key: str):
+        """Stage-2 rows plus round(stage2_replay x their number) stage-1 rows (a seeded subset, fixed for
+        the run), so stage 2 keeps rehearsing what stage 1 taught."""
+        import datasets
+
+        ratio = self.cfg.data.stage2_replay
+        replay, _, replay_key = self._tokenized(self.sources["stage1"], self.out / "stage2" / "replay_tokenized")
+        n = min(len(replay), round(ratio * len(dataset)))
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 2)
+        picked = sorted(torch.randperm(len(replay), generator=g)[:n].tolist())
+        mixed = datasets.concatenate_datasets([dataset, replay.select(picked)])
+        if self.rank == 0:
+            log.info("stage2: %d stage-2 rows + %d replayed stage-1 rows (data.stage2_replay=%g; %d available)",
+                     len(dataset), n, ratio, len(replay))
+        return mixed, f"{key}+replay:{replay_key}:{ratio}"
 
     def _resume_signature(self, stage: str, stage_cfg, data_key: str) -> dict:
         """The settings a checkpoint of this stage can only be resumed under, by dotted recipe name.
@@ -250,7 +278,8 @@ class Pipeline:
         trainer = StageTrainer(stage, model, dataset, collate, stage_cfg, ds_config, self.out / stage, self.rank,
                                self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.tb,
                                self.cfg.fault_tolerance.max_nonfinite_steps,
-                               self._resume_signature(stage, stage_cfg, data_key))
+                               self._resume_signature(stage, stage_cfg, data_key),
+                               noise_drop_prob=self.cfg.adapters.noise_drop_prob if stage == "stage1" else 0.0)
         if self.cfg.resume:
             trainer.maybe_resume()
         n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -261,7 +290,7 @@ class Pipeline:
         result = trainer.train()
         adapter_io.save_adapters(model, self.out / stage / "adapters", extra={"stage": stage},
                                  is_writer=self.rank == 0)
-        summary = {**result.summary(), "data": stats.to_dict()}
+        summary = {**result.summary(), "samples": len(dataset), "data": stats.to_dict()}
         if measure_orthogonality:
             summary["orthogonality_residual"] = orthogonality_residual(model)
         barrier()
@@ -353,12 +382,33 @@ class Pipeline:
             log.info("final: every adapter folded -> %s (a plain Hugging Face model)", target)
         barrier()
 
+    def _general_reference(self):
+        """Rank 0 records (once) the base model's answers to the general prompts, before any training."""
+        if not self.cfg.evaluation.general_retention:
+            return None
+        from .retention import RetentionError, ensure_reference
+
+        outcome = None
+        if self.rank == 0:
+            try:
+                ref = ensure_reference(self.base_path, self.out, self.cfg.model.dtype)
+                log.info("general-ability reference: the base model's answers to %d general prompts in %s",
+                         len(ref["prompts"]), self.out / "general_reference.json")
+                outcome = ("ok", ref)
+            except RetentionError as e:
+                outcome = ("error", str(e))
+        status, value = broadcast_object(outcome)
+        if status == "error":
+            raise PipelineError(value)
+        return value
+
     # ----- driver -----------------------------------------------------------
     def run(self) -> dict:
         t0 = time.perf_counter()
         self._prepare_inputs()
         if "stage1" in self.steps:
             self._check_adapters_fit()
+        reference = self._general_reference()
         for step in self.steps:
             if step in ("stage1", "stage2"):
                 if self._stage_done(step):
@@ -373,7 +423,7 @@ class Pipeline:
             from .report import write_report
 
             report = write_report(self.cfg, self.out, self._stage1_dir(), time.perf_counter() - t0,
-                                  self.demo_assets)
+                                  self.demo_assets, self.base_path, reference)
             log.info("report: %s", self.out / "report.md")
         if self.tb is not None:
             self.tb.close()

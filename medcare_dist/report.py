@@ -50,7 +50,119 @@ def _plot_experts(counts: dict, path: Path):
     plt.close(fig)
 
 
-def write_report(cfg, out: Path, stage1_dir: Path, wall_s: float, demo_assets=None) -> dict:
+# The models along the pipeline, in order: (key, label). What each step gained and lost is read across them.
+PIPELINE_MODELS = (("base", "base model"), ("stage1", "stage 1 (KA + NA)"), ("taia", "after TAIA (KA only)"),
+                   ("final", "final (stage 2 merged)"))
+
+# Columns of the side-by-side table: (demo task, field, heading).
+DEMO_COLUMNS = (("desc_to_code", "score", "desc->code acc"), ("mcq", "score", "MCQ acc"),
+                ("code_to_desc", "score", "code->desc ROUGE-L"), ("cdn", "score", "CDN code acc"),
+                ("cdn", "parsed_rate", "CDN format"))
+
+# Targets of the embedded demo (issue 12): knowledge after TAIA, kept by stage 2, alignment learned.
+DEMO_TARGETS = {"taia_desc_to_code_min": 0.40, "final_keeps_min": 0.80, "cdn_accuracy_min": 0.25,
+                "cdn_format_min": 0.95}
+
+
+def pipeline_models(out: Path, stage1_dir: Path, base_path: Path | None) -> list:
+    """(key, label, model_dir, adapters_dir or None) of every model of the pipeline that exists on disk."""
+    stage1_dir = Path(stage1_dir)
+    candidates = {
+        "base": (base_path, None),
+        "stage1": (base_path, stage1_dir / "stage1" / "adapters"),
+        "taia": (stage1_dir / "merged_base", stage1_dir / "merged_base" / "knowledge_adapters"),
+        "final": (Path(out) / "final", None),
+    }
+    found = []
+    for key, label in PIPELINE_MODELS:
+        model_dir, adapters = candidates[key]
+        if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+            continue
+        if adapters is not None and not (adapters / "adapter_config.json").is_file():
+            continue
+        found.append((key, label, Path(model_dir), adapters))
+    return found
+
+
+def evaluate_pipeline(models: list, demo_assets=None, reference: dict | None = None) -> dict:
+    """{key: {label, model, adapters, demo: {task: ...}, general: {...}}}, each model loaded once, on the CPU."""
+    from . import eval as bench
+    from .retention import score_retention
+
+    results = {}
+    for key, label, model_dir, adapters in models:
+        loaded = bench.load_model(model_dir, adapters=adapters, dtype="fp32", device="cpu")
+        rec = {"label": label, "model": str(model_dir), "adapters": str(adapters) if adapters else None}
+        if demo_assets is not None:
+            from .demo_eval import evaluate_demo
+
+            rec["demo"] = evaluate_demo(model_dir, demo_assets, loaded=loaded)
+        if reference is not None:
+            rec["general"] = score_retention(loaded[0], loaded[1], reference, device=loaded[2])
+        results[key] = rec
+        del loaded
+    return results
+
+
+def demo_targets(pipeline: dict) -> dict | None:
+    """Each demo target with its measured value and whether it is met (None without the TAIA and final rows)."""
+    if "taia" not in pipeline or "final" not in pipeline or "demo" not in pipeline["final"]:
+        return None
+    taia = pipeline["taia"]["demo"]["desc_to_code"]["score"]
+    final, cdn = pipeline["final"]["demo"]["desc_to_code"]["score"], pipeline["final"]["demo"]["cdn"]
+    t = DEMO_TARGETS
+    kept = final / taia if taia > 0 else 0.0
+    return {
+        "desc->code accuracy after TAIA": {"value": taia, "target": f">= {t['taia_desc_to_code_min']:.2f}",
+                                           "met": taia >= t["taia_desc_to_code_min"]},
+        "final keeps of it": {"value": kept, "target": f">= {t['final_keeps_min']:.2f}",
+                              "met": taia > 0 and kept >= t["final_keeps_min"]},
+        "CDN code accuracy (final)": {"value": cdn["score"], "target": f">= {t['cdn_accuracy_min']:.2f}",
+                                      "met": cdn["score"] >= t["cdn_accuracy_min"]},
+        "CDN answers in the required format": {"value": cdn["parsed_rate"], "target": f">= {t['cdn_format_min']:.2f}",
+                                               "met": cdn["parsed_rate"] >= t["cdn_format_min"]},
+    }
+
+
+def _plot_pipeline(pipeline: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = list(pipeline)
+    panels = []
+    if all("demo" in pipeline[k] for k in keys):
+        panels.append(("held-out demo splits (knowledge: desc->code, MCQ, code->desc; alignment: CDN)",
+                       [h for _, _, h in DEMO_COLUMNS],
+                       [[pipeline[k]["demo"].get(task, {}).get(f, 0.0) for task, f, _ in DEMO_COLUMNS] for k in keys]))
+    if all("general" in pipeline[k] for k in keys):
+        panels.append(("general prompts vs the base's own answers", ["answers close to the base's"],
+                       [[pipeline[k]["general"]["close_fraction"]] for k in keys]))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [len(p[1]) + 1 for p in panels]})
+    for ax, (title, cols, vals) in zip(axes[0], panels):
+        x = np.arange(len(cols))
+        width = 0.8 / len(keys)
+        for i, (k, row) in enumerate(zip(keys, vals)):
+            ax.bar(x + (i - (len(keys) - 1) / 2) * width, row, width, label=pipeline[k]["label"])
+        ax.set_xticks(x)
+        ax.set_xticklabels(cols, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(cfg, out: Path, stage1_dir: Path, wall_s: float, demo_assets=None, base_path: Path | None = None,
+                 reference: dict | None = None) -> dict:
     stages = {}
     for name, root in (("stage1", stage1_dir), ("stage2", out)):
         rec = _read(Path(root) / name / "result.json")
@@ -72,11 +184,17 @@ def write_report(cfg, out: Path, stage1_dir: Path, wall_s: float, demo_assets=No
         "wall_seconds": wall_s,
         "config": cfg.to_dict(),
     }
-    if demo_assets is not None and report["final_model_dir"]:
-        from .demo_eval import evaluate_demo
-
-        report["eval"] = evaluate_demo(Path(report["final_model_dir"]), demo_assets)
+    pipeline = evaluate_pipeline(pipeline_models(out, stage1_dir, base_path), demo_assets, reference)
+    if pipeline:
+        report["pipeline"] = pipeline
+        if "demo" in pipeline.get("final", {}):
+            report["eval"] = pipeline["final"]["demo"]
+        targets = demo_targets(pipeline) if demo_assets is not None else None
+        if targets:
+            report["demo_targets"] = targets
     plots = []
+    if pipeline and _plot_pipeline(pipeline, out / "pipeline_eval.png"):
+        plots.append(("Every model along the pipeline", "pipeline_eval.png"))
     if stages:
         _plot_losses(stages, out / "loss.png")
         plots.append(("Training loss", "loss.png"))
@@ -93,6 +211,33 @@ def _fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
 
 
+def _pipeline_markdown(report: dict) -> list:
+    pipeline = report["pipeline"]
+    demo = all("demo" in r for r in pipeline.values())
+    general = all("general" in r for r in pipeline.values())
+    heads = ["model"] + ([h for _, _, h in DEMO_COLUMNS] if demo else [])
+    heads += ["general: loglik/token of the base's answers", "general: answers close to the base's"] if general else []
+    lines = ["## Every model along the pipeline", "",
+             "What each step gained and lost: knowledge (held-out phrasings of the facts stage 1 taught), "
+             "alignment (stage 2's CDN task, held-out phrases) and general ability (prompts neither stage trains "
+             "on, scored against the base model's own greedy answers).", "",
+             "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for rec in pipeline.values():
+        row = [rec["label"]]
+        if demo:
+            row += [_fmt(rec["demo"].get(task, {}).get(f), ".3f") for task, f, _ in DEMO_COLUMNS]
+        if general:
+            row += [_fmt(rec["general"]["mean_token_loglik"], ".3f"), _fmt(rec["general"]["close_fraction"], ".2f")]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if "demo_targets" in report:
+        lines += ["Targets of the embedded demo:", "", "| target | measured | wanted | met |", "|---|---|---|---|"]
+        for name, t in report["demo_targets"].items():
+            lines.append(f"| {name} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+        lines.append("")
+    return lines
+
+
 def _markdown(report: dict, plots) -> str:
     lines = ["# medcare-dist run report", "",
              "| stage | steps | skipped (NaN/inf) | first loss | last loss | first 10% mean | last 10% mean | tokens/s |",
@@ -107,8 +252,10 @@ def _markdown(report: dict, plots) -> str:
               f"Throughput: {_fmt(report['throughput']['tokens_per_s'], '.0f')} tokens/s over "
               f"{report['throughput']['tokens']} tokens; wall time {report['wall_seconds']:.0f} s.", "",
               f"Final model: `{report['final_model_dir']}`", ""]
+    if "pipeline" in report:
+        lines += _pipeline_markdown(report)
     if "eval" in report:
-        lines += ["## Held-out evaluation (embedded demo, greedy generation)", "",
+        lines += ["## Held-out evaluation of the final model (embedded demo, greedy generation)", "",
                   "| task | metric | score | answers in the expected format | n |", "|---|---|---|---|---|"]
         for task, res in report["eval"].items():
             lines.append(f"| {task} | {res['metric']} | {_fmt(res['score'], '.3f')} | "

@@ -25,7 +25,7 @@ from . import preemption
 from .faults import injected_failure, injected_nonfinite, poison
 from .adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
 from .distributed import all_reduce_sum, barrier
-from .injection import last_penalty_total, pop_expert_counts, set_penalty_grad_scale
+from .injection import last_penalty_total, pop_expert_counts, set_noise_aggregator_off, set_penalty_grad_scale
 from .loss import ChunkedLMHead, lm_loss_from_output
 from .orthogonal import orthogonality_residual
 
@@ -171,7 +171,7 @@ class StageTrainer:
 
     def __init__(self, name, model, dataset, collate, stage_cfg, ds_config, out_dir, rank, world_size,
                  seed, logging_cfg, measure_orthogonality=False, tb_writer=None, max_nonfinite_steps=3,
-                 resume_signature=None):
+                 resume_signature=None, noise_drop_prob=0.0):
         import deepspeed
 
         self.name, self.rank, self.world = name, rank, world_size
@@ -188,6 +188,7 @@ class StageTrainer:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.resume_signature = resume_signature or {}
         self.fp16 = ds_config.get("fp16", {}).get("enabled", False)
+        self.noise_drop_prob = noise_drop_prob
 
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -237,11 +238,21 @@ class StageTrainer:
         # N ranks without see the same micro-batches, hence the same step.
         rows = [[self.dataset[i] for i in chunk] for chunk in chunks[self.rank::self.world]]
         mine = [self.collate(r) for r in rows]
+        for j, batch in zip(range(self.rank, len(chunks), self.world), mine):
+            batch["noise_off"] = self._noise_off(step, j)
         # Position 0 of a sample is never predicted; packed rows label each sample's first token -100,
         # so this count is the same packed or not.
         n_loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine)
         flops = self.flops.step([len(x["input_ids"]) for r in rows for x in r], n_loss_tokens)
         return mine, n_loss_tokens, flops
+
+    def _noise_off(self, step: int, micro_index: int) -> bool:
+        """Whether micro-batch `micro_index` of `step` trains with the Noise Aggregator off: a pure function of
+        (seed, step, index), so any rank count and any resume make the same choice."""
+        if self.noise_drop_prob <= 0:
+            return False
+        g = torch.Generator().manual_seed((self.seed * 1000003 + step) * 1009 + micro_index)
+        return bool(torch.rand((), generator=g).item() < self.noise_drop_prob)
 
     # ----- resume -----------------------------------------------------------
     def maybe_resume(self) -> bool:
@@ -316,6 +327,7 @@ class StageTrainer:
             step_tokens = 0
             injected = injected_nonfinite(self.name, step + 1, self.rank)
             for batch in batches:
+                set_noise_aggregator_off(self.model, batch.pop("noise_off"))
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 # Packed batches (medcare_dist.packing) carry position_ids and no attention_mask.
                 inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
@@ -385,6 +397,7 @@ class StageTrainer:
                 preemption.exit_for_requeue(f"{self.name}: checkpoint at step {step + 1} after a preemption signal")
             injected_failure(self.name, step + 1, self.rank)
         bar.close()
+        set_noise_aggregator_off(self.model, False)
         res.seconds += time.perf_counter() - t_stage
         return res
 

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from medcare_dist.adapter_io import AdapterCheckpointError, load_adapters, save_adapters
 from medcare_dist.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, add_low_rank
 from medcare_dist.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers, merge_all,
-                                    merge_attention_lora, pop_expert_counts)
+                                    merge_attention_lora, pop_expert_counts, set_noise_aggregator_off)
 from medcare_dist.orthogonal import orthogonality_residual
 
 
@@ -335,3 +335,45 @@ def test_add_low_rank_matches_float64_reference_with_gradients(dtype, shape):
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
     for leaf, ref_leaf in zip(leaves, ref_leaves):
         torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=tol, atol=tol * max(1, r))
+
+
+def test_noise_aggregator_off_trains_the_model_taia_keeps():
+    """With the Noise Aggregator switched off (training only), stage 1's output is that of its TAIA merge
+    (an independent path: the merged dense model), routed tokens are not counted, and the switch has no
+    effect in eval mode."""
+    model = tiny_qwen2(seed=3)
+    ids = torch.randint(0, 96, (2, 9))
+    add_stage1_adapters(model, adapter_cfg(router_aux_loss_coef=0.1))
+    randomise_B(model)
+    with torch.no_grad():
+        full = model(ids).logits
+    model.train()
+    set_noise_aggregator_off(model, True)
+    off = model(ids).logits
+    off.sum().backward()  # experts and routers get (zero) gradients: the same parameters reduce on every rank
+    for _, layer in adapter_layers(model, MixtureOfLoRALinear):
+        assert layer.expert_A.grad is not None and torch.count_nonzero(layer.expert_A.grad) == 0
+        assert layer.router.weight.grad is not None and torch.count_nonzero(layer.router.weight.grad) == 0
+        assert torch.count_nonzero(layer.shared_A.grad) > 0
+    assert all(int(c.sum()) == 0 for c in pop_expert_counts(model).values())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, full)  # eval ignores the switch
+        merge_attention_lora(model)
+        torch.testing.assert_close(off.detach(), model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(off.detach(), full, atol=1e-3)
+
+
+def test_noise_off_choice_is_a_pure_function_of_seed_step_and_micro_batch():
+    """Any rank count and any resume make the same choice for a micro-batch, at about the asked rate."""
+    from medcare_dist.trainer import StageTrainer
+
+    def choices(p, seed=7):
+        t = StageTrainer.__new__(StageTrainer)
+        t.noise_drop_prob, t.seed = p, seed
+        return [t._noise_off(step, j) for step in range(200) for j in range(4)]
+
+    assert choices(0.5) == choices(0.5)
+    assert choices(0.5) != choices(0.5, seed=8)
+    assert 0.44 < sum(choices(0.5)) / 800 < 0.56
+    assert not any(choices(0.0)) and all(choices(1.0))

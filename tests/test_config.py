@@ -29,12 +29,13 @@ def error_of(recipe, overrides=()) -> str:
 # --------------------------------------------------------------------------- recipes
 
 
-@pytest.mark.parametrize("name", ["demo", "qwen1.5-1.8b", "qwen1.5-7b", "qwen1.5-14b"])
+@pytest.mark.parametrize("name", ["demo", "qwen1.5-1.8b", "qwen1.5-7b", "qwen1.5-14b", "small-chat"])
 def test_recipes_load(name):
     cfg = load_config(str(RECIPES / f"{name}.yaml"))
     assert isinstance(cfg, RunConfig)
     assert cfg.stage == "all"
-    assert cfg.stage1.epochs == (3 if name == "demo" else 1)
+    assert cfg.stage1.epochs == {"demo": 12, "small-chat": 2}.get(name, 1)
+    assert cfg.adapters.noise_drop_prob == 0.5
     assert cfg.to_dict()["adapters"]["top_k"] == cfg.adapters.top_k
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # to_dict round-trips
 
@@ -190,6 +191,7 @@ def test_missing_recipe():
     ("adapters.num_experts=0", "adapters.num_experts", "> 0"),
     ("adapters.attn_dropout=1.0", "adapters.attn_dropout", "[0, 1)"),
     ("adapters.expert_dropout=-0.1", "adapters.expert_dropout", "[0, 1)"),
+    ("adapters.noise_drop_prob=1.5", "adapters.noise_drop_prob", "[0, 1]"),
     ("adapters.orthogonality=off", "adapters.orthogonality", "not one of"),
     ("adapters.orthogonality=sof", "adapters.orthogonality", "did you mean 'soft'"),
     ("adapters.orthogonality_lambda=-1", "adapters.orthogonality_lambda", ">= 0"),
@@ -282,7 +284,7 @@ def test_build_ds_config_refuses_conflicting_batch_keys(tmp_path):
     with pytest.raises(ConfigError, match="train_batch_size"):
         build_ds_config(cfg, cfg.stage1, 1, "fp32")
     # the same value, or HF-style "auto", is tolerated
-    path = _ds_json(tmp_path, {"train_batch_size": 16, "gradient_accumulation_steps": "auto"})
+    path = _ds_json(tmp_path, {"train_batch_size": 32, "gradient_accumulation_steps": "auto"})
     cfg = load_config(DEMO, [f"deepspeed.config={path}"])
     assert build_ds_config(cfg, cfg.stage1, 1, "fp32")["gradient_accumulation_steps"] == 2
     path = _ds_json(tmp_path, {"optimizer": {"type": "AdamW"}})
@@ -313,7 +315,7 @@ def test_ds_configs_accepted_by_deepspeed(rel, monkeypatch):
     # Without an initialised process group DeepSpeedConfig assumes world size 1: fill for one rank.
     ds = build_ds_config(cfg, cfg.stage1, 1, "bf16")
     parsed = DeepSpeedConfig(ds)
-    assert parsed.train_batch_size == 16
+    assert parsed.train_batch_size == 32  # the demo's stage 1: micro 16 x 2 accumulation steps
     assert parsed.gradient_accumulation_steps == 2
     assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
     stage = json.loads((REPO_ROOT / rel).read_text())["zero_optimization"]["stage"]

@@ -35,7 +35,7 @@ def tokenizer(assets):
 
 def test_sizes_and_tasks(assets, rows):
     counts = {split: len(r) for split, r in rows.items()}
-    assert 1000 <= counts["stage1_train"] <= 3000 and 500 <= counts["stage2_train"] <= 1000
+    assert 1000 <= counts["stage1_train"] <= 3000 and 400 <= counts["stage2_train"] <= 1000
     assert all(100 <= counts[s] <= 200 for s in ("stage1_eval", "stage2_eval"))
     assert assets.manifest["counts"] == counts
     assert {r["task"] for r in rows["stage1_train"]} == {"code_to_desc", "desc_to_code", "mcq"}

@@ -34,16 +34,21 @@ def launch(args, ranks: int, env_extra=None, check_rc=True):
     return proc
 
 
+# Stage 1 drops the Noise Aggregator for half the micro-batches (the default) and stage 2 replays stage-1 rows:
+# both choices must be the same whatever the rank count.
+REPLAY = {"data.stage2_replay": 0.5}
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    launch(train_args(tiny_assets, out), ranks=2)
+    launch(train_args(tiny_assets, out, **REPLAY), ranks=2)
     return out
 
 
 def test_two_ranks_match_one_rank_and_stay_orthogonal(tiny_assets, two_rank_run, tmp_path):
     # Reentrant gradient checkpointing on the 1-rank side: it must not change the math.
-    launch(train_args(tiny_assets, tmp_path, **{"model.gradient_checkpointing": "true"}), ranks=1)
+    launch(train_args(tiny_assets, tmp_path, **REPLAY, **{"model.gradient_checkpointing": "true"}), ranks=1)
     for stage in ("stage1", "stage2"):
         a, b = losses(two_rank_run, stage), losses(tmp_path, stage)
         assert len(a) == len(b) > 0
@@ -57,6 +62,16 @@ def test_two_ranks_match_one_rank_and_stay_orthogonal(tiny_assets, two_rank_run,
     assert report["throughput"]["tokens_per_s"] > 0
     assert (Path(report["final_model_dir"]) / "model.safetensors").is_file()
     assert (two_rank_run / "report.md").is_file() and (two_rank_run / "loss.png").is_file()
+    # Stage 2 trained on its rows plus half as many replayed stage-1 rows.
+    s2 = report["stages"]["stage2"]
+    assert s2["samples"] == s2["data"]["num_rows"] + round(0.5 * s2["data"]["num_rows"])
+    # Every model along the pipeline scored against the base's own answers to the general prompts.
+    assert list(report["pipeline"]) == ["base", "stage1", "taia", "final"]
+    general = {k: v["general"] for k, v in report["pipeline"].items()}
+    assert general["base"]["close_fraction"] == 1.0
+    assert all(g["n"] == 24 and g["mean_token_loglik"] < 0 for g in general.values())
+    assert (two_rank_run / "pipeline_eval.png").is_file() and "Every model along the pipeline" in \
+        (two_rank_run / "report.md").read_text()
 
 
 def test_killed_run_resumes_from_latest_complete_checkpoint(tiny_assets, two_rank_run, tmp_path):
