@@ -24,6 +24,7 @@ METRICS = [("knowledge_loss", "knowledge held-out loss", "lower"), ("mcq_acc", "
            ("knowledge_kept", "share of the TAIA model's description->code accuracy kept", "higher"),
            ("alignment_loss", "alignment held-out loss", "lower"), ("cdn_format", "CDN format rate", "higher"),
            ("cdn_acc", "CDN code accuracy", "higher"),
+           ("knowledge_response", "alignment adapter's response on knowledge inputs / on alignment inputs", "lower"),
            ("general_loglik", "general: loglik/token of the base's answers", "higher"),
            ("general_close", "general: answers close to the base's", "higher")]
 
@@ -52,7 +53,27 @@ def merged_stage1_model(stage1_dir: Path) -> Path:
     return out
 
 
-def evaluate(model_dir: Path, assets, reference: dict, taia_desc_to_code: float | None) -> dict:
+def knowledge_response(merged_base: Path, adapters: Path, assets) -> float:
+    """medcare_dist.orthogonal.knowledge_input_response of the stage-2 model (adapters unmerged), on the
+    held-out knowledge and alignment splits."""
+    from medcare_dist.data import collate, load_stage_dataset
+    from medcare_dist.eval import load_model
+    from medcare_dist.orthogonal import knowledge_input_response
+
+    model, tok, _ = load_model(merged_base, adapters=adapters, dtype="fp32", device="cpu", merge=False)
+
+    def batches(split):
+        ds, _ = load_stage_dataset([{"path": str(assets.files[split]), "format": "auto", "max_samples": None}],
+                                   tok, 128)
+        for i in range(0, len(ds), 32):
+            b = collate([ds[j] for j in range(i, min(i + 32, len(ds)))], tok.pad_token_id)
+            yield {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+    return knowledge_input_response(model, batches("stage1_eval"), batches("stage2_eval"))
+
+
+def evaluate(model_dir: Path, assets, reference: dict, taia_desc_to_code: float | None,
+             response: float = 0.0) -> dict:
     from medcare_dist.demo_eval import evaluate_demo, heldout_loss
     from medcare_dist.eval import load_model
     from medcare_dist.retention import score_retention
@@ -66,6 +87,7 @@ def evaluate(model_dir: Path, assets, reference: dict, taia_desc_to_code: float 
             "mcq_acc": acc["mcq"]["score"], "desc_to_code_acc": d2c,
             "knowledge_kept": d2c / taia_desc_to_code if taia_desc_to_code else 0.0,
             "cdn_format": acc["cdn"]["parsed_rate"], "cdn_acc": acc["cdn"]["score"],
+            "knowledge_response": response,
             "general_loglik": general["mean_token_loglik"], "general_close": general["close_fraction"]}
 
 
@@ -142,6 +164,7 @@ def main(argv=None):
         reference = read_reference(s1, s1 / "demo_assets" / "base_model")
         taia = None  # the first variant must be the stage-1 model after TAIA (extra: null)
         for variant, extra in spec["variants"].items():
+            response = 0.0  # the TAIA model has no alignment adapter
             if extra is None:
                 model_dir = merged_stage1_model(s1)
             else:
@@ -150,7 +173,8 @@ def main(argv=None):
                              f"model.path={s1 / 'demo_assets' / 'base_model'}",
                              f"data.stage2=[{assets.files['stage2_train']}]", *common, *extra])
                 model_dir = run / "final"
-            results[variant][seed] = evaluate(model_dir, assets, reference, taia)
+                response = knowledge_response(s1 / "merged_base", run / "stage2" / "adapters", assets)
+            results[variant][seed] = evaluate(model_dir, assets, reference, taia, response)
             if extra is None:
                 taia = results[variant][seed]["desc_to_code_acc"]
             print(variant, seed, json.dumps(results[variant][seed]), flush=True)

@@ -377,3 +377,31 @@ def test_noise_off_choice_is_a_pure_function_of_seed_step_and_micro_batch():
     assert choices(0.5) != choices(0.5, seed=8)
     assert 0.44 < sum(choices(0.5)) / 800 < 0.56
     assert not any(choices(0.0)) and all(choices(1.0))
+
+
+def test_knowledge_input_response_by_construction():
+    """0 when the alignment A annihilates the knowledge inputs' span, 1 when both splits are the same inputs."""
+    from medcare_dist.orthogonal import knowledge_input_response
+
+    torch.manual_seed(0)
+    d_in = 12
+    k_A = torch.linalg.qr(torch.randn(d_in, 2))[0].t()
+    layer = OrthogonalLoRALinear(nn.Linear(d_in, 5), k_A, torch.zeros(5, 2), rank=3, alpha=3.0,
+                                 orthogonality="none")
+    basis = torch.linalg.qr(torch.randn(d_in, d_in))[0]
+    knowledge_span, other_span = basis[:, :4], basis[:, 4:]
+    with torch.no_grad():
+        layer.align_A.copy_(torch.randn(3, 8) @ other_span.t())   # rows orthogonal to the knowledge inputs
+
+    class Model(nn.Module):  # called as model(**batch), like a Hugging Face model
+        def __init__(self):
+            super().__init__()
+            self.proj = layer
+
+        def forward(self, x):
+            return self.proj(x)
+
+    k_batches = [{"x": torch.randn(7, 4) @ knowledge_span.t()}]
+    a_batches = [{"x": torch.randn(9, d_in)}]
+    assert knowledge_input_response(Model(), k_batches, a_batches) < 1e-6   # float32 rounding
+    assert abs(knowledge_input_response(Model(), a_batches, a_batches) - 1.0) < 1e-9
