@@ -138,6 +138,9 @@ class EvaluationConfig:
     # Record the base model's answers to general prompts before stage 1 and score every model along the
     # pipeline against them in the report (medcare_dist.retention).
     general_retention: bool = True
+    # The models report.md evaluates side by side (base, stage1 = with the Noise Aggregator, taia, final);
+    # each is a CPU evaluation on rank 0 at the end of the run. [] evaluates none.
+    report_models: list[str] = field(default_factory=lambda: ["base", "stage1", "taia", "final"])
 
 
 @dataclass
@@ -586,6 +589,10 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
         non_negative(f"{stage}.max_grad_norm", s.max_grad_norm)
         non_negative(f"{stage}.save_every", s.save_every)
         non_negative(f"{stage}.eval_every", s.eval_every)
+
+    for i, name in enumerate(cfg.evaluation.report_models):
+        if name not in ("base", "stage1", "taia", "final"):
+            fail("evaluation.report_models", f"item {i} '{name}' is not one of base, stage1, taia, final")
 
     lg = cfg.logging
     positive("logging.log_every", lg.log_every)

@@ -114,8 +114,10 @@ def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int, steps: int = 300, s
     stream = []
     for line in pretraining_corpus(tokenizer, seed):
         stream += tokenizer(line, add_special_tokens=False)["input_ids"] + [eos]
-    n_chunks = len(stream) // seq_len
-    data = torch.tensor(stream[: n_chunks * seq_len]).view(n_chunks, seq_len)
+    data = torch.tensor(stream)
+    # Windows start anywhere in the stream: fixed windows let a tiny model learn each text at one position
+    # only (a conversation memorised mid-window is not recalled at the start of a prompt).
+    windows = torch.arange(seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -123,7 +125,7 @@ def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int, steps: int = 300, s
     model.train()
     bar = tqdm(range(steps), desc="pretraining demo base", dynamic_ncols=True)
     for step in bar:
-        batch = data[torch.randint(0, n_chunks, (batch_size,), generator=gen)]
+        batch = data[torch.randint(0, len(stream) - seq_len + 1, (batch_size, 1), generator=gen) + windows]
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,7 +134,8 @@ def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int, steps: int = 300, s
         sched.step()
         if step % 25 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    log.info("demo base: %d tokens of ICD-10-CM text, %d steps, final LM loss %.3f",
+    log.info("demo base: %d tokens of pretraining text (ICD-10-CM descriptions, codes, chat), %d steps, "
+             "final LM loss %.3f",
              data.numel(), steps, loss.item())
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -64,8 +64,9 @@ DEMO_TARGETS = {"taia_desc_to_code_min": 0.40, "final_keeps_min": 0.80, "cdn_acc
                 "cdn_format_min": 0.95}
 
 
-def pipeline_models(out: Path, stage1_dir: Path, base_path: Path | None) -> list:
-    """(key, label, model_dir, adapters_dir or None) of every model of the pipeline that exists on disk."""
+def pipeline_models(out: Path, stage1_dir: Path, base_path: Path | None, wanted=None) -> list:
+    """(key, label, model_dir, adapters_dir or None) of each `wanted` model of the pipeline (default all) that
+    exists on disk."""
     stage1_dir = Path(stage1_dir)
     candidates = {
         "base": (base_path, None),
@@ -75,6 +76,8 @@ def pipeline_models(out: Path, stage1_dir: Path, base_path: Path | None) -> list
     }
     found = []
     for key, label in PIPELINE_MODELS:
+        if wanted is not None and key not in wanted:
+            continue
         model_dir, adapters = candidates[key]
         if model_dir is None or not (Path(model_dir) / "config.json").is_file():
             continue
@@ -184,7 +187,8 @@ def write_report(cfg, out: Path, stage1_dir: Path, wall_s: float, demo_assets=No
         "wall_seconds": wall_s,
         "config": cfg.to_dict(),
     }
-    pipeline = evaluate_pipeline(pipeline_models(out, stage1_dir, base_path), demo_assets, reference)
+    pipeline = evaluate_pipeline(pipeline_models(out, stage1_dir, base_path, cfg.evaluation.report_models),
+                                 demo_assets, reference)
     if pipeline:
         report["pipeline"] = pipeline
         if "demo" in pipeline.get("final", {}):

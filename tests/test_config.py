@@ -192,6 +192,8 @@ def test_missing_recipe():
     ("adapters.attn_dropout=1.0", "adapters.attn_dropout", "[0, 1)"),
     ("adapters.expert_dropout=-0.1", "adapters.expert_dropout", "[0, 1)"),
     ("adapters.noise_drop_prob=1.5", "adapters.noise_drop_prob", "[0, 1]"),
+    ("data.stage2_replay=-1", "data.stage2_replay", ">= 0"),
+    ("evaluation.report_models=[base,bse]", "evaluation.report_models", "'bse' is not one of"),
     ("adapters.orthogonality=off", "adapters.orthogonality", "not one of"),
     ("adapters.orthogonality=sof", "adapters.orthogonality", "did you mean 'soft'"),
     ("adapters.orthogonality_lambda=-1", "adapters.orthogonality_lambda", ">= 0"),
@@ -257,8 +259,8 @@ def test_build_ds_config_math():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert "_comment" not in ds and "optimizer" not in ds
-    ds = build_ds_config(cfg, cfg.stage2, 2, "fp32")  # demo stage2: micro 8, global 16
-    assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 16)
+    ds = build_ds_config(cfg, cfg.stage2, 2, "fp32")  # demo stage2: micro 16, global 32
+    assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 32)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert build_ds_config(cfg, cfg.stage2, 1, "fp16")["fp16"]["enabled"] is True
 

@@ -75,3 +75,27 @@ def test_demo_targets_by_hand():
     t = report.demo_targets({"taia": rec(0.0, 0.0, 0.0), "final": rec(0.0, 0.3, 0.96)})
     assert not t["desc->code accuracy after TAIA"]["met"] and not t["final keeps of it"]["met"]
     assert report.demo_targets({"final": rec(0.4, 0.3, 0.96)}) is None
+
+
+def test_pipeline_models_in_order_only_those_on_disk(tmp_path):
+    def model(path, adapters=None):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")
+        if adapters:
+            (path / adapters).mkdir(parents=True)
+            (path / adapters / "adapter_config.json").write_text("{}")
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    model(base)
+    model(run / "merged_base", "knowledge_adapters")
+    model(run / "final")
+    found = report.pipeline_models(run, run, base)
+    assert [k for k, *_ in found] == ["base", "taia", "final"]   # no stage1/adapters yet
+    (run / "stage1" / "adapters").mkdir(parents=True)
+    (run / "stage1" / "adapters" / "adapter_config.json").write_text("{}")
+    found = report.pipeline_models(run, run, base)
+    assert [(k, d, a) for k, _, d, a in found] == [
+        ("base", base, None), ("stage1", base, run / "stage1" / "adapters"),
+        ("taia", run / "merged_base", run / "merged_base" / "knowledge_adapters"), ("final", run / "final", None)]
+    assert [k for k, *_ in report.pipeline_models(run, run, base, ["final", "base"])] == ["base", "final"]
+    assert report.pipeline_models(run, run, base, []) == []
