@@ -186,7 +186,7 @@ class Pipeline:
             raise ConfigError(f"the adapters do not fit {self.base_path} ({config.model_type}):\n  "
                               + "\n  ".join(problems))
 
-    def _tokenized(self, sources, root: Path):
+    def _tokenized(self, sources, root: Path, label: str):
         """(dataset, stats, key) of `sources` tokenized into the cache under `root`.
 
         Every rank tokenizes a slice into the cache (or finds it built by an earlier attempt), then
@@ -207,14 +207,14 @@ class Pipeline:
         dataset, stats = token_cache.load(root, key)
         check_usable(stats, sources)
         if self.rank == 0:
-            log.info("%s data (%s %s): %s", root.parent.name, "tokenized into" if built else "reused", root / key,
+            log.info("%s (%s %s): %s", label, "tokenized into" if built else "reused", root / key,
                      json.dumps(stats.to_dict()))
         return dataset, stats, key
 
     def _dataset(self, stage: str):
         from .data import collate
 
-        dataset, stats, key = self._tokenized(self.sources[stage], self.out / stage / "tokenized")
+        dataset, stats, key = self._tokenized(self.sources[stage], self.out / stage / "tokenized", f"{stage} data")
         if stage == "stage2" and self.cfg.data.stage2_replay > 0:
             dataset, key = self._with_replay(dataset, key)
         pad_id, max_length = self.tokenizer.pad_token_id, self.cfg.data.max_length
@@ -230,7 +230,8 @@ class Pipeline:
         import datasets
 
         ratio = self.cfg.data.stage2_replay
-        replay, _, replay_key = self._tokenized(self.sources["stage1"], self.out / "stage2" / "replay_tokenized")
+        replay, _, replay_key = self._tokenized(self.sources["stage1"], self.out / "stage2" / "replay_tokenized",
+                                                "stage2 replay data (stage-1 rows)")
         n = min(len(replay), round(ratio * len(dataset)))
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 2)
         picked = sorted(torch.randperm(len(replay), generator=g)[:n].tolist())

@@ -198,7 +198,7 @@ def write_report(cfg, out: Path, stage1_dir: Path, wall_s: float, demo_assets=No
             report["demo_targets"] = targets
     plots = []
     if pipeline and _plot_pipeline(pipeline, out / "pipeline_eval.png"):
-        plots.append(("Every model along the pipeline", "pipeline_eval.png"))
+        plots.append(("Every model along the pipeline, plotted", "pipeline_eval.png"))
     if stages:
         _plot_losses(stages, out / "loss.png")
         plots.append(("Training loss", "loss.png"))
