@@ -16,6 +16,7 @@ SMALL = {
     "stage1.max_steps": 5, "stage2.max_steps": 3, "stage1.micro_batch_size": 4, "stage1.global_batch_size": 8,
     "stage2.micro_batch_size": 4, "stage2.global_batch_size": 8, "stage1.save_every": 2, "stage2.save_every": 0,
     "logging.tensorboard": False, "logging.progress_bar": False, "logging.log_every": 1,
+    "data.stage2_replay": 0.5,  # stage 2 replays stage-1 rows (the demo recipe's 1.0 would double its rows)
 }
 
 

@@ -34,21 +34,20 @@ def launch(args, ranks: int, env_extra=None, check_rc=True):
     return proc
 
 
-# Stage 1 drops the Noise Aggregator for half the micro-batches (the default) and stage 2 replays stage-1 rows:
-# both choices must be the same whatever the rank count.
-REPLAY = {"data.stage2_replay": 0.5}
+# Stage 1 drops the Noise Aggregator for half the micro-batches (the default) and stage 2 replays stage-1 rows
+# (helpers.SMALL): both choices must be the same whatever the rank count.
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    launch(train_args(tiny_assets, out, **REPLAY), ranks=2)
+    launch(train_args(tiny_assets, out), ranks=2)
     return out
 
 
 def test_two_ranks_match_one_rank_and_stay_orthogonal(tiny_assets, two_rank_run, tmp_path):
     # Reentrant gradient checkpointing on the 1-rank side: it must not change the math.
-    launch(train_args(tiny_assets, tmp_path, **REPLAY, **{"model.gradient_checkpointing": "true"}), ranks=1)
+    launch(train_args(tiny_assets, tmp_path, **{"model.gradient_checkpointing": "true"}), ranks=1)
     for stage in ("stage1", "stage2"):
         a, b = losses(two_rank_run, stage), losses(tmp_path, stage)
         assert len(a) == len(b) > 0
@@ -62,7 +61,7 @@ def test_two_ranks_match_one_rank_and_stay_orthogonal(tiny_assets, two_rank_run,
     assert report["throughput"]["tokens_per_s"] > 0
     assert (Path(report["final_model_dir"]) / "model.safetensors").is_file()
     assert (two_rank_run / "report.md").is_file() and (two_rank_run / "loss.png").is_file()
-    # Stage 2 trained on its rows plus half as many replayed stage-1 rows.
+    # Stage 2 trained on its rows plus half as many replayed stage-1 rows (SMALL: data.stage2_replay=0.5).
     s2 = report["stages"]["stage2"]
     assert s2["samples"] == s2["data"]["num_rows"] + round(0.5 * s2["data"]["num_rows"])
     # Every model along the pipeline scored against the base's own answers to the general prompts.
