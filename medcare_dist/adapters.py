@@ -233,6 +233,11 @@ class OrthogonalLoRALinear(_AdapterBase):
       copies) can move the effective A_a out of the complement. With a
       trainable A_k (the paper's setting) the basis follows A_k; frozen, it is
       computed once and cached.
+      With a `protected_basis` U ([in, k], adapters.protect_inputs_energy) the
+      complement is that of rows(A_k) + span(U), U the principal directions of
+      the knowledge data's inputs to this layer (GPM / InfLoRA style): then
+      the alignment adapter also barely responds to knowledge inputs, which
+      orthogonality to rows(A_k) alone does not give.
     - "soft": the paper's penalty lambda * sum |A_k A_a^T|_1, injected into
       the backward from inside the layer so it trains under ZeRO-3 too.
     - "both", "none".
@@ -240,7 +245,7 @@ class OrthogonalLoRALinear(_AdapterBase):
 
     def __init__(self, base: nn.Linear, knowledge_A: torch.Tensor, knowledge_B: torch.Tensor, rank: int,
                  alpha: float, orthogonality: str = "hard", freeze_knowledge: bool = False,
-                 orthogonality_lambda: float = 1.0, dropout: float = 0.0):
+                 orthogonality_lambda: float = 1.0, dropout: float = 0.0, protected_basis: torch.Tensor | None = None):
         super().__init__(base)
         if orthogonality not in ORTHOGONALITY_MODES:
             raise ValueError(f"orthogonality must be one of {ORTHOGONALITY_MODES}, got {orthogonality!r}")
@@ -251,10 +256,13 @@ class OrthogonalLoRALinear(_AdapterBase):
             raise ValueError(
                 f"knowledge adapter shapes A {tuple(knowledge_A.shape)}, B {tuple(knowledge_B.shape)} do not fit "
                 f"a linear of in={self.in_features}, out={self.out_features}")
-        if orthogonality in ("hard", "both") and rank > d_in - r_k:
+        r_p = 0 if protected_basis is None else protected_basis.shape[1]
+        if protected_basis is not None and protected_basis.shape[0] != d_in:
+            raise ValueError(f"protected input basis {tuple(protected_basis.shape)} does not fit in_features={d_in}")
+        if orthogonality in ("hard", "both") and rank > d_in - r_k - r_p:
             raise ValueError(f"alignment rank {rank} exceeds the complement of the knowledge subspace "
-                             f"(in_features {d_in} - knowledge rank {r_k})")
-        self.rank, self.knowledge_rank = rank, r_k
+                             f"(in_features {d_in} - knowledge rank {r_k} - protected input directions {r_p})")
+        self.rank, self.knowledge_rank, self.protected_rank = rank, r_k, r_p
         self.scaling = alpha / rank
         self.orthogonality = orthogonality
         self.orthogonality_lambda = orthogonality_lambda
@@ -265,33 +273,43 @@ class OrthogonalLoRALinear(_AdapterBase):
         self.align_A = nn.Parameter(torch.empty(rank, d_in, **kw))
         self.align_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         _init_lora_pair(self.align_A, self.align_B)
+        # Principal directions of the knowledge data's inputs to this layer (adapters.protect_inputs_energy),
+        # projected out of the alignment A with rows(A_k): fixed, saved with the adapters.
+        self.register_parameter("protected_basis", None if protected_basis is None else nn.Parameter(
+            protected_basis.detach().to(**kw).clone(), requires_grad=False))
         self._basis, self._basis_key = None, None  # cache while A_k is frozen
         if self.projects:
             with torch.no_grad():
-                self.align_A.copy_(project_out_knowledge(self.align_A, basis=orthonormal_basis(self.knowledge_A)))
+                self.align_A.copy_(project_out_knowledge(self.align_A, basis=orthonormal_basis(self._protected_rows())))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def projects(self):
         return self.orthogonality in ("hard", "both")
 
+    def _protected_rows(self):
+        """rows(A_k), and the protected input directions when there are any: what A_a is kept orthogonal to."""
+        a = self.knowledge_A.detach()
+        return a if self.protected_basis is None else torch.cat([a, self.protected_basis.to(a.dtype).t()])
+
     def knowledge_basis(self):
-        """Orthonormal basis [in, r] of rows(A_k); cached while A_k is frozen."""
+        """Orthonormal basis [in, r] of rows(A_k) (plus the protected input directions); cached while A_k is
+        frozen."""
         if not self.freeze_knowledge:
-            return orthonormal_basis(self.knowledge_A)
-        a = self.knowledge_A
+            return orthonormal_basis(self._protected_rows())
+        a, p = self.knowledge_A, self.protected_basis
         # Keyed on the storage and its version: loading new values (or a
         # ZeRO-3 re-gather into new storage) invalidates the cache.
-        key = (a.data_ptr(), a._version, a.device)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (a, p) if t is not None)
         if self._basis is None or self._basis_key != key:
-            self._basis, self._basis_key = orthonormal_basis(a), key
+            self._basis, self._basis_key = orthonormal_basis(self._protected_rows()), key
         return self._basis
 
     def effective_align_A(self):
         """The alignment A that enters the forward pass (projected in hard mode)."""
         if not self.projects:
             return self.align_A
-        if self.freeze_knowledge:
+        if self.freeze_knowledge or self.protected_basis is not None:
             return project_out_knowledge(self.align_A, basis=self.knowledge_basis())
         return project_out_knowledge(self.align_A, self.knowledge_A.detach())
 
@@ -316,17 +334,19 @@ class OrthogonalLoRALinear(_AdapterBase):
         return {"type": "OrthogonalLoRALinear", "rank": self.rank, "knowledge_rank": self.knowledge_rank,
                 "scaling": self.scaling, "orthogonality": self.orthogonality,
                 "orthogonality_lambda": self.orthogonality_lambda, "freeze_knowledge": self.freeze_knowledge,
-                "dropout": _dropout_p(self.dropout)}
+                "dropout": _dropout_p(self.dropout), "protected_rank": self.protected_rank}
 
     @classmethod
     def from_spec(cls, base, spec):
         d_in, d_out, r_k = base.in_features, base.out_features, spec["knowledge_rank"]
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         # Real values are loaded right after; these only give the shapes.
-        a_k = torch.linalg.qr(torch.randn(d_in, r_k, dtype=torch.float64))[0].t().to(**kw)
-        return cls(base, a_k, torch.zeros(d_out, r_k, **kw), spec["rank"], spec["scaling"] * spec["rank"],
-                   spec["orthogonality"], spec["freeze_knowledge"], spec["orthogonality_lambda"],
-                   spec.get("dropout", 0.0))
+        r_p = spec.get("protected_rank", 0)
+        q = torch.linalg.qr(torch.randn(d_in, r_k + r_p, dtype=torch.float64))[0].to(**kw)
+        return cls(base, q[:, :r_k].t().contiguous(), torch.zeros(d_out, r_k, **kw), spec["rank"],
+                   spec["scaling"] * spec["rank"], spec["orthogonality"], spec["freeze_knowledge"],
+                   spec["orthogonality_lambda"], spec.get("dropout", 0.0),
+                   q[:, r_k:].contiguous() if r_p else None)
 
 
 ADAPTER_TYPES = {cls.__name__: cls for cls in (LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear)}

@@ -102,6 +102,9 @@ class AdapterConfig:
     orthogonality: Literal["hard", "soft", "both", "none"] = "hard"
     orthogonality_lambda: float = 1.0
     freeze_knowledge: bool = False
+    # With hard orthogonality: also keep the alignment A out of the principal subspace holding this share of
+    # the knowledge data's inputs to each layer (GPM style; medcare_dist.input_subspace). 0: off.
+    protect_inputs_energy: float = 0.0
 
 
 @dataclass
@@ -560,6 +563,10 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
     if not 0.0 <= a.noise_drop_prob <= 1.0:
         fail("adapters.noise_drop_prob", f"must be in [0, 1], got {a.noise_drop_prob}")
     non_negative("adapters.orthogonality_lambda", a.orthogonality_lambda)
+    unit_interval("adapters.protect_inputs_energy", a.protect_inputs_energy)
+    if a.protect_inputs_energy > 0 and a.orthogonality not in ("hard", "both"):
+        fail("adapters.protect_inputs_energy", f"projects the alignment A, which orthogonality="
+                                               f"{a.orthogonality} does not: use hard or both, or set it to 0")
     if not a.mlp_targets:
         fail("adapters.mlp_targets", "must name at least one MLP projection (the mixture-of-LoRA layers)")
     for name in ("attn_targets", "mlp_targets"):

@@ -122,12 +122,14 @@ def merge_attention_lora(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def add_stage2_adapters(model: nn.Module, cfg) -> nn.Module:
+def add_stage2_adapters(model: nn.Module, cfg, protected: dict | None = None) -> nn.Module:
     """Turn each Knowledge Aggregator into an OrthogonalLoRALinear with a new alignment LoRA.
 
     B_k is rescaled by (stage-1 scaling / stage-2 scaling) so the knowledge
     path's contribution, and hence the model's output, is unchanged at the
-    start of stage 2 (the alignment B starts at zero).
+    start of stage 2 (the alignment B starts at zero). `protected`: {layer
+    name: [in, k] basis of knowledge-input directions} (medcare_dist.input_subspace)
+    the alignment A is also kept out of.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -139,7 +141,8 @@ def add_stage2_adapters(model: nn.Module, cfg) -> nn.Module:
     for name, ka in layers:
         replace_module(model, name, OrthogonalLoRALinear(
             ka.base, ka.lora_A, ka.lora_B * (ka.scaling / stage2_scaling), cfg.align_rank, cfg.align_alpha,
-            cfg.orthogonality, cfg.freeze_knowledge, cfg.orthogonality_lambda, cfg.attn_dropout))
+            cfg.orthogonality, cfg.freeze_knowledge, cfg.orthogonality_lambda, cfg.attn_dropout,
+            (protected or {}).get(name)))
     return model
 
 

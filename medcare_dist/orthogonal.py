@@ -24,7 +24,7 @@ def orthogonality_residual(model) -> float:
     """
     worst = 0.0
     for _, layer in adapter_layers(model, OrthogonalLoRALinear):
-        with gathered([layer.knowledge_A, layer.align_A]):
+        with gathered([t for t in (layer.knowledge_A, layer.align_A, layer.protected_basis) if t is not None]):
             worst = max(worst, layer_residual(layer))
     return worst
 

@@ -37,6 +37,8 @@ from .zero import mark_adapter_leaf_modules
 
 log = logging.getLogger("medcare_dist")
 
+KNOWLEDGE_INPUT_ROWS = 512  # stage-1 rows whose layer inputs define the protected subspace
+
 STEPS = {"all": ("stage1", "merge", "stage2", "final"), "1": ("stage1", "merge"), "2": ("stage2", "final")}
 
 
@@ -79,6 +81,7 @@ class Pipeline:
 
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
         self.results: dict[str, dict] = {}
+        self._stage1_rows_cache = None
 
     def _prepare_output_dir(self):
         """Rank 0 checks and creates output_dir; then every rank must see what rank 0 writes there.
@@ -128,8 +131,8 @@ class Pipeline:
         sources = {"stage1": [s.__dict__ for s in cfg.data.stage1], "stage2": [s.__dict__ for s in cfg.data.stage2]}
         base_path = Path(cfg.model.path) if cfg.model.path else None
         wanted = [s for s in ("stage1", "stage2") if s in self.steps]
-        if "stage2" in self.steps and cfg.data.stage2_replay > 0 and "stage1" not in wanted:
-            wanted.insert(0, "stage1")  # stage 2 replays stage-1 rows
+        if "stage2" in self.steps and self._stage2_reads_stage1_rows() and "stage1" not in wanted:
+            wanted.insert(0, "stage1")  # stage 2 replays stage-1 rows, or measures the knowledge inputs on them
         needs_demo = base_path is None or any(not sources[s] for s in wanted)
         if needs_demo:
             from .demo import prepare_demo
@@ -230,8 +233,7 @@ class Pipeline:
         import datasets
 
         ratio = self.cfg.data.stage2_replay
-        replay, _, replay_key = self._tokenized(self.sources["stage1"], self.out / "stage2" / "replay_tokenized",
-                                                "stage2 replay data (stage-1 rows)")
+        replay, _, replay_key = self._stage1_rows()
         n = min(len(replay), round(ratio * len(dataset)))
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 2)
         picked = sorted(torch.randperm(len(replay), generator=g)[:n].tolist())
@@ -240,6 +242,59 @@ class Pipeline:
             log.info("stage2: %d stage-2 rows + %d replayed stage-1 rows (data.stage2_replay=%g; %d available)",
                      len(dataset), n, ratio, len(replay))
         return mixed, f"{key}+replay:{replay_key}:{ratio}"
+
+    def _stage2_reads_stage1_rows(self) -> bool:
+        return self.cfg.data.stage2_replay > 0 or self.cfg.adapters.protect_inputs_energy > 0
+
+    def _stage1_rows(self):
+        """Stage 1's rows tokenized for stage 2 (replay, knowledge inputs): (dataset, stats, key); collective
+        on the first call."""
+        if self._stage1_rows_cache is None:
+            self._stage1_rows_cache = self._tokenized(self.sources["stage1"], self.out / "stage2" / "stage1_rows",
+                                                      "stage-1 rows for stage 2 (replay, knowledge inputs)")
+        return self._stage1_rows_cache
+
+    def _knowledge_input_bases(self, merged: Path) -> dict:
+        """Per layer, the principal directions of the knowledge data's inputs to the TAIA model (rank 0 computes
+        them on a plain copy of merged_base + KA, every rank loads them): adapters.protect_inputs_energy."""
+        from safetensors.torch import load_file, save_file
+
+        from .data import collate
+        from .input_subspace import knowledge_input_bases
+
+        a = self.cfg.adapters
+        rows, _, key = self._stage1_rows()
+        path = self.out / "stage2" / "knowledge_inputs.safetensors"
+        meta = {"energy": str(a.protect_inputs_energy), "stage1_rows": key, "align_rank": str(a.align_rank),
+                "merged_base": str(merged.resolve())}
+        if self.rank == 0:
+            from safetensors import safe_open
+
+            current = False
+            if path.is_file():
+                with safe_open(str(path), "pt") as f:
+                    current = f.metadata() == meta
+            if not current:
+                model = load_base_model(merged, self.dtype, "sdpa", None, self.cfg.model.trust_remote_code)
+                adapter_io.load_adapters(model, merged / "knowledge_adapters")
+                model.eval()
+                n = min(len(rows), KNOWLEDGE_INPUT_ROWS)
+                g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 3)
+                picked = torch.randperm(len(rows), generator=g)[:n].tolist()
+                pad = self.tokenizer.pad_token_id
+                batches = ({k: v for k, v in collate([rows[i] for i in picked[j:j + 16]], pad).items()
+                            if k in ("input_ids", "attention_mask")} for j in range(0, n, 16))
+                bases = knowledge_input_bases(model, batches, a.protect_inputs_energy, a.align_rank)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp")
+                save_file({k: v.contiguous() for k, v in bases.items()}, str(tmp), metadata=meta)
+                os.replace(tmp, path)
+                ranks = sorted({v.shape[1] for v in bases.values()})
+                log.info("stage2: knowledge-input directions protected per layer: %s (energy %g, %d stage-1 rows)",
+                         ranks, a.protect_inputs_energy, n)
+                del model
+        barrier()
+        return load_file(str(path))
 
     def _resume_signature(self, stage: str, stage_cfg, data_key: str) -> dict:
         """The settings a checkpoint of this stage can only be resumed under, by dotted recipe name.
@@ -348,13 +403,14 @@ class Pipeline:
         self._check_same_base(merged)
         ds_config = build_ds_config(cfg, cfg.stage2, self.world, self.dtype)
         data = self._dataset("stage2")
+        protected = self._knowledge_input_bases(merged) if cfg.adapters.protect_inputs_energy > 0 else None
         model = load_base_model(merged, self.dtype, cfg.model.attn_implementation, ds_config,
                                 cfg.model.trust_remote_code)
         adapter_io.check_compatible(model, meta, merged / "knowledge_adapters")
         adapter_io.load_adapters(model, merged / "knowledge_adapters")
         torch.manual_seed(cfg.seed + 1)
         try:
-            add_stage2_adapters(model, cfg.adapters)
+            add_stage2_adapters(model, cfg.adapters, protected)
         except ValueError as e:  # an alignment rank the knowledge subspace of init_from leaves no room for
             raise PipelineError(f"adapters.align_rank={cfg.adapters.align_rank} on {merged}: {e}") from None
         return self._train_stage("stage2", data, model, cfg.stage2, ds_config, measure_orthogonality=True)

@@ -405,3 +405,77 @@ def test_knowledge_input_response_by_construction():
     a_batches = [{"x": torch.randn(9, d_in)}]
     assert knowledge_input_response(Model(), k_batches, a_batches) < 1e-6   # float32 rounding
     assert abs(knowledge_input_response(Model(), a_batches, a_batches) - 1.0) < 1e-9
+
+
+def test_principal_basis_by_hand():
+    from medcare_dist.input_subspace import principal_basis
+
+    rot = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    moment = rot @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)) @ rot.t()
+    u = principal_basis(moment, 0.7, max_rank=4)        # shares 0.4, 0.7, 0.9, 1.0: two directions
+    assert u.shape == (4, 2)
+    torch.testing.assert_close((u.t() @ rot[:, :2]).abs(), torch.eye(2, dtype=torch.float64))
+    assert principal_basis(moment, 0.95, max_rank=4).shape == (4, 4)
+    assert principal_basis(moment, 0.95, max_rank=1).shape == (4, 1)   # capped: room for the alignment rank
+
+
+def test_input_moments_skip_padding():
+    """The padded batch gives the moments of its real tokens: the same as each sequence run alone."""
+    from medcare_dist.input_subspace import input_second_moments
+
+    model = tiny_qwen2(seed=5)
+    add_stage1_adapters(model, adapter_cfg())
+    randomise_B(model)
+    merge_attention_lora(model)
+    a, b = torch.randint(0, 96, (1, 7)), torch.randint(0, 96, (1, 4))
+    padded = torch.cat([a, torch.cat([b, torch.zeros(1, 3, dtype=torch.long)], 1)])
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    got = input_second_moments(model, [{"input_ids": padded, "attention_mask": mask}])
+    want = input_second_moments(model, [{"input_ids": a}, {"input_ids": b}])
+    assert set(got) == set(want) and len(got) == 6           # gate/up/down of two layers
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_protected_inputs_keep_the_alignment_adapter_off_knowledge_inputs(tmp_path):
+    """With a protected basis U the effective A_a stays orthogonal to rows(A_k) and span(U) through AdamW, so it
+    does not respond to inputs in span(U); the basis is saved and reloaded with the adapters."""
+    from medcare_dist.orthogonal import knowledge_input_response
+
+    torch.manual_seed(1)
+    d_in, d_out = 16, 6
+    k_A = torch.randn(3, d_in)
+    U = torch.linalg.qr(torch.randn(d_in, 5))[0]
+    layer = OrthogonalLoRALinear(nn.Linear(d_in, d_out), k_A, torch.randn(d_out, 3), rank=4, alpha=4.0,
+                                 orthogonality="hard", protected_basis=U)
+    with pytest.raises(ValueError, match="protected input directions 5"):
+        OrthogonalLoRALinear(nn.Linear(d_in, d_out), k_A, torch.randn(d_out, 3), rank=9, alpha=4.0,
+                             protected_basis=U)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        layer(torch.randn(8, d_in)).pow(2).sum().backward()
+        opt.step()
+    assert layer.protected_basis.grad is None
+    eff = layer.effective_align_A().double()
+    q = torch.linalg.qr(torch.cat([layer.knowledge_A.double(), U.double().t()]).t())[0]
+    assert (eff @ q).norm() / eff.norm() < 1e-5
+
+    class Model(nn.Module):  # the adapter checkpoint records model.config's architecture fields
+        def __init__(self, proj):
+            super().__init__()
+            self.proj, self.config = proj, types.SimpleNamespace()
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = Model(layer)
+    k_inputs = [{"x": torch.randn(10, 5) @ U.t()}]
+    assert knowledge_input_response(model, k_inputs, [{"x": torch.randn(10, d_in)}]) < 1e-5
+    save_adapters(model, tmp_path / "ad")
+    other = Model(nn.Linear(d_in, d_out))
+    other.proj.load_state_dict(layer.base.state_dict())
+    load_adapters(other, tmp_path / "ad")
+    torch.testing.assert_close(other.proj.protected_basis, layer.protected_basis)
+    x = torch.randn(3, d_in)
+    torch.testing.assert_close(other(x), model(x))
