@@ -34,7 +34,7 @@ def test_recipes_load(name):
     cfg = load_config(str(RECIPES / f"{name}.yaml"))
     assert isinstance(cfg, RunConfig)
     assert cfg.stage == "all"
-    assert cfg.stage1.epochs == {"demo": 14, "small-chat": 2}.get(name, 1)
+    assert cfg.stage1.epochs == {"demo": 12, "small-chat": 2}.get(name, 1)
     assert cfg.adapters.noise_drop_prob == 0.5
     assert cfg.to_dict()["adapters"]["top_k"] == cfg.adapters.top_k
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # to_dict round-trips
@@ -193,6 +193,7 @@ def test_missing_recipe():
     ("adapters.expert_dropout=-0.1", "adapters.expert_dropout", "[0, 1)"),
     ("adapters.noise_drop_prob=1.5", "adapters.noise_drop_prob", "[0, 1]"),
     ("data.stage2_replay=-1", "data.stage2_replay", ">= 0"),
+    ("adapters.protect_inputs_energy=1.0", "adapters.protect_inputs_energy", "[0, 1)"),
     ("evaluation.report_models=[base,bse]", "evaluation.report_models", "'bse' is not one of"),
     ("adapters.orthogonality=off", "adapters.orthogonality", "not one of"),
     ("adapters.orthogonality=sof", "adapters.orthogonality", "did you mean 'soft'"),
@@ -221,6 +222,12 @@ def test_impossible_values(override, field, words):
     msg = error_of(DEMO, [override])
     assert f"override '{override}'" in msg
     assert field in msg and words in msg, msg
+
+
+def test_input_protection_needs_a_projection():
+    msg = error_of(DEMO, ["adapters.orthogonality=soft", "adapters.protect_inputs_energy=0.9"])
+    assert "adapters.protect_inputs_energy" in msg and "hard or both" in msg
+    assert load_config(DEMO, ["adapters.protect_inputs_energy=0.9"]).adapters.protect_inputs_energy == 0.9
 
 
 def test_impossible_value_in_file_names_line(tmp_path):
