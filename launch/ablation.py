@@ -81,7 +81,7 @@ def evaluate(model_dir: Path, assets, reference: dict, taia_desc_to_code: float 
 
     loaded = load_model(model_dir, dtype="fp32", device="cpu")
     acc = evaluate_demo(model_dir, assets, loaded=loaded)
-    general = score_retention(*loaded, reference)
+    general = score_retention(loaded[0], loaded[1], reference, device=loaded[2])
     d2c = acc["desc_to_code"]["score"]
     return {"knowledge_loss": heldout_loss(model_dir, assets.files["stage1_eval"]),
             "alignment_loss": heldout_loss(model_dir, assets.files["stage2_eval"]),
