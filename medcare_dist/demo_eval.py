@@ -13,17 +13,16 @@ from pathlib import Path
 import torch
 
 
-def evaluate_demo(model_dir: Path, assets, batch_size: int = 32, adapters: Path | None = None, loaded=None) -> dict:
+def evaluate_demo(model_dir: Path, assets, batch_size: int = 32, loaded=None) -> dict:
     """{task: {"score", "metric", "parsed_rate", "n"}} over both held-out splits.
 
-    `adapters`: our adapter directory on top of model_dir (stage 1's mixture stays unmerged);
-    `loaded`: an already loaded (model, tokenizer, device) instead of model_dir.
+    `loaded`: an already loaded (model, tokenizer, device) (medcare_dist.eval.load_model) instead of model_dir.
     """
     from . import eval as bench
     from .benchmarks import load_all
     from .scoring import METRIC_OF_KIND
 
-    model, tokenizer, device = loaded or bench.load_model(model_dir, adapters=adapters, dtype="fp32", device="cpu")
+    model, tokenizer, device = loaded or bench.load_model(model_dir, dtype="fp32", device="cpu")
     items, _ = load_all([assets.files["stage1_eval"], assets.files["stage2_eval"]])
     records = bench.evaluate_items(model, tokenizer, items, bench.EvalSettings(scorer="generate",
                                                                                batch_size=batch_size),
