@@ -17,6 +17,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .adapters import ADAPTER_TYPES
+from .errors import InputError
+from .training import integrity
 from .injection import replace_module, adapter_layers
 from .zero import gathered
 
@@ -28,7 +30,7 @@ ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_attention_heads", "num_key_value_heads", "vocab_size")
 
 
-class AdapterCheckpointError(ValueError):
+class AdapterCheckpointError(InputError, ValueError):
     pass
 
 
@@ -61,6 +63,7 @@ def save_adapters(model: nn.Module, out_dir, extra: dict | None = None, is_write
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
     _atomic_write(out_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    integrity.write_manifest(out_dir)  # last: adapters are read back only when their digests match
     return out_dir
 
 
@@ -83,6 +86,10 @@ def read_adapter_config(adapter_dir) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise AdapterCheckpointError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise AdapterCheckpointError(f"{path}: not a readable adapter config ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise AdapterCheckpointError(f"{path}: not a {FORMAT} config (a JSON {type(meta).__name__})")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise AdapterCheckpointError(f"{path}: not a {FORMAT} v{VERSION} config "
                                      f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
@@ -106,12 +113,16 @@ def load_adapters(model: nn.Module, adapter_dir, roles=None) -> dict:
     config's `extra` dict.
     """
     adapter_dir = Path(adapter_dir)
-    meta = read_adapter_config(adapter_dir)
+    meta = read_adapter_config(adapter_dir)  # first: the clearest message for a directory that is no adapter
+    integrity.verify_dir(adapter_dir, "adapters")
     check_compatible(model, meta, adapter_dir / CONFIG_NAME)
     weights_path = adapter_dir / WEIGHTS_NAME
     if not weights_path.is_file():
         raise AdapterCheckpointError(f"{weights_path}: missing adapter weights")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError, for a damaged file
+        raise AdapterCheckpointError(f"{weights_path}: cannot read it ({type(e).__name__}: {e})") from None
     for name, spec in meta["modules"].items():
         if roles is not None and spec.get("role") not in roles:
             continue

@@ -4,8 +4,11 @@ Layout under `<stage dir>/checkpoints/`:
   step-0000050/        DeepSpeed engine state (adapters, optimizer, scheduler)
                        + trainer_state.json + rng_rank<r>.safetensors
   latest               name of the newest complete checkpoint
-Every rank writes into `.tmp-step-...`; after a barrier rank 0 renames it and
-only then rewrites `latest`, so a checkpoint cut off half-way is never seen.
+Every rank writes into `.tmp-step-...` and fsyncs what it wrote; after a barrier the
+ranks digest the files between them (training/integrity.py), rank 0 writes the
+manifest, renames the directory and only then rewrites `latest`, so a checkpoint
+cut off half-way is never seen, and one whose bytes changed on disk is refused
+on resume (the previous complete one is used instead, with a warning).
 
 Resuming never runs pickled code: DeepSpeed's `.pt` files are read with
 `torch.load(weights_only=True)` (tensors, plain containers and the few DeepSpeed
@@ -23,16 +26,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import all_gather_object, barrier
+from .errors import InputError, StorageError, storage_message
 from .faults import injected_failure
+from .training import integrity
 
 LATEST = "latest"
+# Seconds of the last save / verification on this rank, split into DeepSpeed's write and our digests + fsync:
+# the cost of verified artefacts, logged at each checkpoint (docs/benchmarks_train.md).
+LAST_TIMINGS: dict = {}
 STATE_NAME = "trainer_state.json"
-
-
-def _atomic_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -48,7 +51,10 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, root, step: int, trainer_state: dict, rank: int, barrier, keep_last: int):
+def save_checkpoint(engine, root, step: int, trainer_state: dict, rank: int, world: int, keep_last: int):
+    """Write, digest and publish one checkpoint. A collective: every rank calls it at the same step."""
+    import time
+
     root = Path(root)
     tag = f"step-{step:07d}"
     tmp_tag = f".tmp-{tag}"
@@ -56,38 +62,104 @@ def save_checkpoint(engine, root, step: int, trainer_state: dict, rank: int, bar
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
-    save_file(rng_state(), str(root / tmp_tag / f"rng_rank{rank}.safetensors"))
-    injected_failure("checkpoint", step, rank)  # written but not published: must never be loaded
-    barrier()
+    t0 = time.perf_counter()
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
+        save_file(rng_state(), str(root / tmp_tag / f"rng_rank{rank}.safetensors"))
+    except RuntimeError as e:
+        # torch.save reports a failed write as "enforce fail at inline_container.cc ...", naming no path.
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        raise StorageError(storage_message(root / tmp_tag, _write_errno(root), _bytes_of(engine))) from None
     if rank == 0:
         (root / tmp_tag / STATE_NAME).write_text(json.dumps(trainer_state, indent=1))
-        shutil.rmtree(root / tag, ignore_errors=True)
-        os.replace(root / tmp_tag, root / tag)
-        _atomic_text(root / LATEST, tag)
+    t1 = time.perf_counter()
+    # Each rank flushes the files it wrote (fsync flushes only the caller's dirty pages on a network
+    # file system), then the ranks split the hashing.
+    for name in integrity.listed_files(root / tmp_tag):
+        integrity.fsync_path(root / tmp_tag / name)
+    injected_failure("checkpoint", step, rank)  # written but not published: must never be loaded
+    barrier()
+    names = integrity.listed_files(root / tmp_tag)
+    digests = {}
+    for part in all_gather_object(integrity.digest_files(root / tmp_tag, names[rank::world])):
+        digests.update(part)
+    if rank == 0:
+        integrity.publish_dir(root / tmp_tag, root / tag, files=digests,
+                              inputs={"stage": trainer_state.get("stage"), "step": step})
+        integrity.atomic_write_text(root / LATEST, tag)
         prune(root, keep_last)
     barrier()
+    LAST_TIMINGS.update(write_s=t1 - t0, digest_fsync_s=time.perf_counter() - t1,
+                        bytes=sum(f["bytes"] for f in digests.values()))
     return root / tag
 
 
+def _write_errno(root: Path) -> int:
+    """Why a write under `root` failed, as an errno: no space unless the directory is not writable."""
+    import errno
+
+    return errno.ENOSPC if os.access(root, os.W_OK) else errno.EACCES
+
+
+def _bytes_of(engine) -> int:
+    """About what one checkpoint of `engine` takes: fp32 master copy and Adam moments of the trainable part."""
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    return n * 16
+
+
 def complete_checkpoints(root) -> list[Path]:
+    """Published checkpoints (a trainer state and a manifest), oldest first; their bytes are not checked."""
     root = Path(root)
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / STATE_NAME).is_file())
+                  and (p / STATE_NAME).is_file() and (p / integrity.MANIFEST_NAME).is_file())
 
 
 def latest_checkpoint(root) -> Path | None:
     """The checkpoint `latest` names, or the newest complete one if it is missing."""
     root = Path(root)
     pointer = root / LATEST
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (root / tag / STATE_NAME).is_file():
-            return root / tag
     done = complete_checkpoints(root)
+    if pointer.is_file():
+        tag = pointer.read_text(errors="replace").strip()
+        if root / tag in done:
+            return root / tag
     return done[-1] if done else None
+
+
+def verified_checkpoint(root, rank: int, world: int, log=None) -> Path | None:
+    """The newest complete checkpoint whose every file matches its digest (the ranks split the check).
+
+    A damaged newest one is skipped with a warning for the one before; when every one is damaged the
+    run stops (ArtefactError naming the files) rather than silently starting the stage over."""
+    done = complete_checkpoints(root)
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return None
+    import time
+
+    candidates = [latest] + [p for p in reversed(done) if p != latest]
+    damaged = []
+    for path in candidates:
+        t0 = time.perf_counter()
+        try:
+            integrity.verify_dir(path, share=(rank, world))
+            LAST_TIMINGS["verify_s"] = time.perf_counter() - t0
+            problem = None
+        except integrity.ArtefactError as e:
+            problem = str(e)
+        problems = [p for p in all_gather_object(problem) if p]
+        if not problems:
+            if damaged and log is not None and rank == 0:
+                log.warning("checkpoint %s is damaged (%s): resuming from the previous complete one, %s",
+                            damaged[-1][0].name, damaged[-1][1], path.name)
+            return path
+        damaged.append((path, problems[0]))
+    raise integrity.ArtefactError("every checkpoint under " + str(root) + " is damaged: "
+                                  + "; ".join(p for _, p in damaged)
+                                  + f". Delete {root} to start the stage over")
 
 
 def prune(root, keep_last: int):
@@ -101,7 +173,7 @@ def prune(root, keep_last: int):
         shutil.rmtree(path, ignore_errors=True)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint file that is refused or cannot be read; the message names the file."""
 
 

@@ -18,9 +18,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from .preemption import install
+    from .preemption import install, watch_launcher
 
     install()  # a preemption signal during start-up must not kill a rank (SIGUSR1's default action)
+    watch_launcher()  # a `deepspeed` command killed by the user stops the ranks too
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     import warnings
@@ -31,22 +32,30 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .adapter_io import AdapterCheckpointError
-    from .checkpoint import CheckpointError
-    from .pipeline import PipelineError, run
+    from .config import load_config
+    from .errors import STORAGE_ERRNOS, InputError, storage_message
+    from .pipeline import Pipeline
     from .trainer import NonFiniteStepsError
 
+    pipeline = None
     try:
         cfg = load_config(args.recipe, args.overrides)
-        run(cfg)
-    except (ConfigError, DataError, AdapterCheckpointError, CheckpointError, PipelineError) as e:
+        pipeline = Pipeline(cfg)
+        pipeline.run()
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteStepsError as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(3)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {storage_message(e.filename, e.errno)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if pipeline is not None and pipeline.lock is not None:
+            pipeline.lock.release()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from .errors import InputError
+
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "TinyModelConfig", "DataSource", "DataConfig", "AdapterConfig",
     "StageConfig", "DeepSpeedSection", "LoggingConfig", "EvaluationConfig", "load_config", "build_ds_config",
@@ -32,7 +34,10 @@ _RECIPE_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
                  "gradient_clipping")
 
 
-class ConfigError(Exception):
+STEPS = {"all": ("stage1", "merge", "stage2", "final"), "1": ("stage1", "merge"), "2": ("stage2", "final")}
+
+
+class ConfigError(InputError):
     """A recipe, an override or a DeepSpeed JSON that cannot describe a valid run."""
 
 
@@ -69,8 +74,11 @@ class DataSource:
 
 @dataclass
 class DataConfig:
-    stage1: list[DataSource] = field(default_factory=list)  # empty: generated demo data
+    stage1: list[DataSource] = field(default_factory=list)  # empty: generated demo data, only with demo=true
     stage2: list[DataSource] = field(default_factory=list)
+    # Train a stage whose list above is empty on the generated ICD-10-CM demo tasks. Off by default: a
+    # recipe that forgets a stage's data stops instead of training on demo data.
+    demo: bool = False
     max_length: int = 3072
     on_bad_row: Literal["error", "skip"] = "error"
     demo_seed: int = 0
@@ -159,6 +167,9 @@ class RunConfig:
     stage: Any = "all"  # "all", 1 or 2 (normalised: the string "all" or the int 1 / 2)
     init_from: Optional[str] = None  # stage=2 alone: output_dir of a stage-1 run (holds merged_base/)
     resume: bool = True
+    # Redo this step and every later one even if finished (stage1, merge, stage2, final): what a rerun with
+    # changed settings or data needs; without it such a rerun stops, naming what changed.
+    restart_from: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
@@ -273,6 +284,9 @@ def _compose(text: str, source: str, override: Optional[str] = None) -> Optional
     except yaml.YAMLError as e:
         where = f"override '{override}'" if override is not None else source
         raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        where = f"override '{override}'" if override is not None else source
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply to parse") from None
     finally:
         loader.dispose()
 
@@ -501,6 +515,31 @@ def _choices(args) -> str:
 # --------------------------------------------------------------------------- value checks
 
 
+def check_data_sources(cfg: RunConfig) -> list[str]:
+    """Every stage the run trains has data files, or the recipe asks for the demo data (data.demo=true).
+    Returns warnings (a data.demo=true nothing uses).
+
+    Not part of load_config: the model recipes leave the lists empty for the user to fill in."""
+    d, steps = cfg.data, STEPS[str(cfg.stage)]
+
+    def fail(path: str, msg: str):
+        raise ConfigError(f"{path}: {msg}")
+
+    wanted = [s for s in ("stage1", "stage2") if s in steps]
+    if "stage2" in steps and (d.stage2_replay > 0 or cfg.adapters.protect_inputs_energy > 0) and "stage1" not in wanted:
+        wanted.insert(0, "stage1")  # stage 2 replays stage-1 rows or measures the knowledge inputs on them
+    empty = [s for s in wanted if not getattr(d, s)]
+    if empty and not d.demo:
+        why = " (stage 2 replays its rows or measures the knowledge inputs on them)" if empty == ["stage1"] \
+            and "stage1" not in steps else ""
+        fail(f"data.{empty[0]}", f"no data files for {empty[0]}{why}: list them "
+             f"(data.{empty[0]}='[{{path: /data/{empty[0]}.jsonl}}]'), or set data.demo=true to train on the "
+             "generated ICD-10-CM demo tasks")
+    if d.demo and not empty and cfg.model.path is not None:
+        return ["data.demo=true is not used: every stage this run trains has its own data and model.path is set"]
+    return []
+
+
 def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
     def fail(path: str, msg: str):
         raise ConfigError(f"{origins.get(path, _DEFAULT).describe()}: {path}: {msg}")
@@ -523,6 +562,9 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
     if cfg.stage == 2 and not cfg.init_from:
         fail("stage", "stage=2 alone needs init_from=<output_dir of a finished stage-1 run> "
                       "(the directory that holds merged_base/); or run stage=all")
+    steps = STEPS[str(cfg.stage)]
+    if cfg.restart_from is not None and cfg.restart_from not in steps:
+        fail("restart_from", f"{cfg.restart_from!r} is not a step of stage={cfg.stage} (one of {', '.join(steps)})")
 
     t = cfg.model.tiny
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -627,6 +669,9 @@ def load_config(recipe_path: str, overrides: Sequence[str] = ()) -> RunConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"recipe {recipe_path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {recipe_path}: not a text file (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start} is not UTF-8)") from None
     root = _compose(text, str(recipe_path))
     if root is None:
         root = _Node({}, _Origin(str(recipe_path), 1))
@@ -664,6 +709,11 @@ def _read_ds_json(path: str) -> dict:
                           f"column {e.colno}") from None
     except OSError as e:
         raise ConfigError(f"DeepSpeed config {resolved}: cannot read it ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {resolved}: not a text file (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start} is not UTF-8)") from None
+    except RecursionError:
+        raise ConfigError(f"DeepSpeed config {resolved}: not valid JSON: nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise ConfigError(f"DeepSpeed config {resolved}: expected a JSON object at the top level")
     return data
@@ -732,7 +782,27 @@ def build_ds_config(cfg: RunConfig, stage_cfg: StageConfig, world_size: int, dty
         section = dict(section) if isinstance(section, dict) else {}
         section["enabled"] = on
         ds[key] = section
+    _check_zero_section(ds, resolved)
     return ds
+
+
+def _check_zero_section(ds: dict, resolved: Path):
+    """zero_optimization checked by DeepSpeed's own schema now, not at deepspeed.initialize after stage 1."""
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"DeepSpeed config {resolved}: zero_optimization must be an object, got {_kind(zero)}")
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        field_path = ".".join(str(p) for p in ("zero_optimization", *first["loc"]))
+        raise ConfigError(f"DeepSpeed config {resolved}: {field_path}: {first['msg']} "
+                          f"(got {first.get('input')!r})") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"DeepSpeed config {resolved}: zero_optimization: {e}") from None
 
 
 def resolve_dtype(requested: str, device_type) -> str:

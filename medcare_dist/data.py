@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "conversations", "messages", "alpaca")
@@ -24,7 +26,7 @@ MAX_LISTED_BAD_ROWS = 20
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Training data that cannot be used as given; the message says where and why."""
 
 
@@ -154,6 +156,8 @@ def _iter_json_lines(path: Path):
                 yield lineno, json.loads(text)
             except json.JSONDecodeError as e:
                 yield lineno, _RowError("invalid_json", f"{e.msg} (column {e.colno})")
+            except RecursionError:
+                yield lineno, _RowError("invalid_json", "nested too deeply to parse")
 
 
 def _iter_json_array(path: Path):
@@ -169,6 +173,9 @@ def _iter_json_array(path: Path):
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid_json: {e.msg} (column {e.colno}; a .json array is parsed "
                         "as a whole, so the file cannot be read)") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid_json: nested too deeply to parse (a .json array is parsed as a "
+                        "whole, so the file cannot be read)") from None
     yield from enumerate(items, 1)
 
 
@@ -374,9 +381,11 @@ def read_stage_conversations(sources, max_length: int, on_bad_row: str = "error"
         stats.files[source["path"]] = {"read": n_read, "bad": len(bad), "used": len(good), "rows": 0}
         conversations += [(source["path"], m) for m in good]
     stats.bad_rows = dict(sorted(Counter(b.reason for b in all_bad).items()))
+    if not conversations and not all_bad:
+        raise DataError(f"{', '.join(str(s['path']) for s in sources)}: no rows (an empty file?)")
     if all_bad:
         if on_bad_row == "error":
-            raise DataError(f"{len(all_bad)} bad rows in the training data (on_bad_row=error; set "
+            raise DataError(f"{all_bad[0]} ({len(all_bad)} bad rows in the training data; on_bad_row=error, set "
                             f"on_bad_row=skip to drop them):\n{format_bad_rows(all_bad)}")
         log.warning("skipped %d bad rows:\n%s", len(all_bad), format_bad_rows(all_bad, limit=5))
     return conversations, stats

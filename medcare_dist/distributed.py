@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
+
 
 def init_distributed(timeout_s: int = 1800):
     """Join the job's process group (deepspeed launcher, torchrun, mpirun or a single process).
@@ -24,9 +26,20 @@ def init_distributed(timeout_s: int = 1800):
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=True, verbose=False, timeout=timedelta(seconds=timeout_s),
-                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+        from .preemption import deferred
+
+        port = int(os.environ.get("MASTER_PORT", 29500))
+        try:
+            with deferred():  # DeepSpeed JIT-builds its CPU comm op here: a signal must not kill the compiler
+                deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                           auto_mpi_discovery=True, verbose=False,
+                                           timeout=timedelta(seconds=timeout_s), distributed_port=port)
+        except (RuntimeError, OSError) as e:
+            if "address already in use" not in str(e).lower() and "EADDRINUSE" not in str(e):
+                raise
+            raise InputError(f"MASTER_PORT {port} on {os.environ.get('MASTER_ADDR')} is taken: another job "
+                             "(perhaps a second launch on the same output_dir) listens there; pass "
+                             "--master_port to the launcher, or wait for that job") from None
     rank = dist.get_rank()
     _release_shm_name(rank)
     return rank, dist.get_world_size()
@@ -64,3 +77,12 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (small and picklable: digests, an error message), in rank order."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None] * dist.get_world_size()
+        dist.all_gather_object(box, obj)
+        return box
+    return [obj]

@@ -29,13 +29,14 @@ import torch.nn as nn
 
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterCheckpointError, check_compatible, read_adapter_config
 from .adapters import ADAPTER_TYPES, LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear
+from .errors import InputError
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
 PEFT_PREFIX = "base_model.model."                # PeftModel -> LoraModel -> the HF model
 IM_END = "<|im_end|>"
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     pass
 
 

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,16 +48,26 @@ def zero3_construction(ds_config: dict | None):
         unset_hf_deepspeed_config()
 
 
+class ModelLoadError(InputError):
+    """A model directory that cannot be loaded; the message names it."""
+
+
 def load_base_model(path, dtype: str, attn_implementation: str = "auto", ds_config: dict | None = None,
                     trust_remote_code: bool = False):
     """A frozen causal LM from a local HF directory (never a hub download)."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     attn = resolve_attn_implementation(attn_implementation)
-    with zero3_construction(ds_config):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=TORCH_DTYPES[dtype], attn_implementation=attn,
-            trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        with zero3_construction(ds_config):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=TORCH_DTYPES[dtype], attn_implementation=attn,
+                trust_remote_code=trust_remote_code, local_files_only=True)
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        # A damaged or foreign file (transformers' messages do not always name it).
+        raise ModelLoadError(f"model {path}: cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)

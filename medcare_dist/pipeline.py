@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from . import adapter_io
-from .config import build_ds_config, resolve_dtype
+from .config import STEPS, build_ds_config, resolve_dtype
 from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
+from .errors import InputError
 from .faults import injected_failure
 from .injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
 from .loss import install_chunked_lm_head
@@ -33,16 +34,21 @@ from .modeling import device_type, enable_gradient_checkpointing, load_base_mode
 from .packing import collate_packed, supports_packing
 from .orthogonal import orthogonality_residual
 from .trainer import StageTrainer
+from .training import integrity
+from .training.run_lock import RunLock
 from .zero import mark_adapter_leaf_modules
 
 log = logging.getLogger("medcare_dist")
 
 KNOWLEDGE_INPUT_ROWS = 512  # stage-1 rows whose layer inputs define the protected subspace
 
-STEPS = {"all": ("stage1", "merge", "stage2", "final"), "1": ("stage1", "merge"), "2": ("stage2", "final")}
+STEP_OUTPUTS = {"stage1": ("stage1/result.json", "stage1/adapters", "stage1/checkpoints"),
+                "merge": ("merged_base",), "stage2": ("stage2/result.json", "stage2/adapters", "stage2/checkpoints",
+                                                      "stage2/knowledge_inputs.safetensors"),
+                "final": ("final",)}
 
 
-class PipelineError(RuntimeError):
+class PipelineError(InputError):
     pass
 
 
@@ -61,18 +67,55 @@ def setup_logging(rank: int, log_file: Path | None):
     root.propagate = False
 
 
-def _publish_dir(tmp: Path, final: Path):
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+def _model_fingerprint(path: Path) -> dict:
+    """What identifies a base model directory cheaply: config.json's bytes and its weight files' names and
+    sizes (hashing 28 GB of a 14B model at every start would cost minutes), or, for a directory this project
+    published (the embedded demo base, merged_base), the digest of its manifest."""
+    import hashlib
+
+    path = Path(path)
+    if (path / integrity.MANIFEST_NAME).is_file():
+        return {"manifest_sha256": integrity.file_sha256(path / integrity.MANIFEST_NAME)}
+    weights = sorted((p.name, p.stat().st_size) for p in path.iterdir()
+                     if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    return {"config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+            "weights": [f"{n}:{size}" for n, size in weights]}
+
+
+def _dir_digest(path: Path) -> str | None:
+    """The digest of a published directory's manifest (it lists every file's sha256), None if unpublished."""
+    manifest = Path(path) / integrity.MANIFEST_NAME
+    return integrity.file_sha256(manifest) if manifest.is_file() else None
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '(not set)')!r} then, {new.get(k, '(not set)')!r} now"
+            for k in keys if old.get(k) != new.get(k)]
 
 
 class Pipeline:
     def __init__(self, cfg):
+        self.lock = None
+        try:
+            self._start(cfg)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _start(self, cfg):
+        from .config import check_data_sources
+
+        check_data_sources(cfg)  # before anything is written: a stage without data is a recipe error
         self.cfg = cfg
         self.rank, self.world = init_distributed(cfg.fault_tolerance.collective_timeout_s)
         self.out = Path(cfg.output_dir)
         self._prepare_output_dir()
         setup_logging(self.rank, self.out / "train.log")
+        if getattr(self, "_leftovers", None):
+            log.info("removed %d half-written leftovers of an earlier attempt: %s", len(self._leftovers),
+                     ", ".join(self._leftovers[:5]))
         self.dtype = resolve_dtype(cfg.model.dtype, device_type())
         self.steps = STEPS[str(cfg.stage)]
         self.tb = None
@@ -82,6 +125,7 @@ class Pipeline:
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
         self.results: dict[str, dict] = {}
         self._stage1_rows_cache = None
+        self._data: dict[str, tuple] = {}
 
     def _prepare_output_dir(self):
         """Rank 0 checks and creates output_dir; then every rank must see what rank 0 writes there.
@@ -95,10 +139,12 @@ class Pipeline:
             try:
                 self._check_output_dir()
                 self.out.mkdir(parents=True, exist_ok=True)
+                self.lock = RunLock(self.out).acquire()  # held until the run ends (cli.main releases it)
+                self._remove_leftover_tmp()
                 token = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
                 (self.out / f".probe-{token}").write_text(token)  # a new name: no stale NFS lookup can match it
                 outcome = ("ok", token)
-            except (PipelineError, OSError) as e:
+            except (InputError, OSError) as e:
                 outcome = ("error", f"output_dir {self.out}: {e}" if isinstance(e, OSError) else str(e))
         status, token = broadcast_object(outcome)
         if status == "error":
@@ -118,6 +164,13 @@ class Pipeline:
                 "writes its checkpoint shards into it: put output_dir on a file system all nodes share "
                 "(NFS, Lustre, GPFS, ...), by an absolute path that is the same on every node")
 
+    def _remove_leftover_tmp(self):
+        """Half-written directories and files of a run that died (never published, never read)."""
+        leftovers = [p for pattern in (".tmp-*", ".*.tmp") for p in self.out.rglob(pattern)]
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        self._leftovers = [str(p.relative_to(self.out)) for p in leftovers]
+
     def _check_output_dir(self):
         if self.cfg.resume or not self.out.exists() or not any(self.out.iterdir()):
             return
@@ -127,13 +180,19 @@ class Pipeline:
     # ----- inputs -----------------------------------------------------------
     def _prepare_inputs(self):
         """Base model path, tokenizer and per-stage data sources (building the demo assets once)."""
+        from .config import check_data_sources
+
         cfg = self.cfg
+        for warning in check_data_sources(cfg):
+            if self.rank == 0:
+                log.warning("%s", warning)
         sources = {"stage1": [s.__dict__ for s in cfg.data.stage1], "stage2": [s.__dict__ for s in cfg.data.stage2]}
         base_path = Path(cfg.model.path) if cfg.model.path else None
         wanted = [s for s in ("stage1", "stage2") if s in self.steps]
         if "stage2" in self.steps and self._stage2_reads_stage1_rows() and "stage1" not in wanted:
             wanted.insert(0, "stage1")  # stage 2 replays stage-1 rows, or measures the knowledge inputs on them
-        needs_demo = base_path is None or any(not sources[s] for s in wanted)
+        # The demo data only where the recipe asks for it (config checks: an empty list needs data.demo=true).
+        needs_demo = base_path is None or (cfg.data.demo and any(not sources[s] for s in wanted))
         if needs_demo:
             from .demo import prepare_demo
 
@@ -146,11 +205,15 @@ class Pipeline:
                     tmp = demo_dir / ".base_model.tmp"
                     shutil.rmtree(tmp, ignore_errors=True)
                     build_demo_base(tmp, assets.tokenizer(), cfg.model.tiny, cfg.seed)
-                    _publish_dir(tmp, demo_dir / "base_model")
+                    tiny = {k: v for k, v in vars(cfg.model.tiny).items()}
+                    integrity.publish_dir(tmp, demo_dir / "base_model", inputs={"tiny": tiny, "seed": cfg.seed})
             barrier()
             assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)  # already built: only reads
             if base_path is None:
                 base_path = demo_dir / "base_model"
+                integrity.verify_dir_on_all_ranks(base_path, "the embedded demo base model: delete "
+                                                  f"{base_path} to rebuild it", self.rank, self.world)
+                self._check_demo_base(base_path)
             for stage in wanted:
                 if not sources[stage]:
                     sources[stage] = [{"path": str(assets.files[f"{stage}_train"]), "format": "messages",
@@ -170,6 +233,16 @@ class Pipeline:
         self.base_path = base_path
         self.sources = sources
 
+    def _check_demo_base(self, base_path: Path):
+        """The embedded base a rerun finds must be the one this recipe's model.tiny and seed build."""
+        built = integrity.manifest_inputs(base_path)
+        wanted = {"tiny": dict(vars(self.cfg.model.tiny)), "seed": self.cfg.seed}
+        diffs = _differences(built, wanted)
+        if diffs:
+            raise PipelineError(f"{base_path}: the embedded demo base there was built with other settings ("
+                                + "; ".join(diffs) + "); use another output_dir, or delete "
+                                f"{self.out} to start over (stage 1 trains on that base)")
+
     def _check_adapters_fit(self):
         """Adapter targets and ranks against the base model's shapes, on a meta-device copy: no weights read."""
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -188,6 +261,56 @@ class Pipeline:
         if problems:
             raise ConfigError(f"the adapters do not fit {self.base_path} ({config.model_type}):\n  "
                               + "\n  ".join(problems))
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            add_stage1_adapters(skeleton, self.cfg.adapters)
+        return sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
+
+    def _preflight(self):
+        """Everything that can be checked without training, before any step runs: the adapters against the
+        model's shapes, both stages' DeepSpeed configs and batch arithmetic, both stages' data (read,
+        validated, tokenized into the cache), init_from's base, and the disk space of the first checkpoint."""
+        cfg = self.cfg
+        trainable = self._check_adapters_fit()
+        if "stage2" in self.steps and "stage1" not in self.steps:
+            self._check_same_base(self._merged_base())
+        stages = [s for s in ("stage1", "stage2") if s in self.steps]
+        for stage in stages:
+            build_ds_config(cfg, getattr(cfg, stage), self.world, self.dtype)
+        for stage in stages:
+            dataset = self._dataset(stage)[0]
+            glob = getattr(cfg, stage).global_batch_size
+            if len(dataset) < glob:
+                from .data import DataError
+
+                raise DataError(f"data.{stage}: {len(dataset)} training samples are fewer than one global batch "
+                                f"({stage}.global_batch_size={glob}); lower it or add data")
+        self._check_disk_space(trainable)
+
+    def _check_disk_space(self, trainable: int):
+        """Refuse a run whose first checkpoint cannot fit on output_dir's file system; warn when the whole
+        run (keep_last checkpoints, merged_base, final) may not."""
+        problem = self._disk_space_problem(trainable) if self.rank == 0 else None
+        problem = broadcast_object(problem)
+        if problem:
+            raise PipelineError(problem)
+
+    def _disk_space_problem(self, trainable: int) -> str | None:
+        per_param = 12 + {"fp32": 4}.get(self.dtype, 2)  # fp32 master + Adam moments, the module's copy
+        first = trainable * per_param + (1 << 20) * self.world
+        model_bytes = sum(p.stat().st_size for p in Path(self.base_path).iterdir()
+                          if p.suffix in (".safetensors", ".bin") and p.is_file())
+        whole = first * (self.cfg.logging.keep_last + 1) + model_bytes * sum(s in self.steps for s in ("merge", "final"))
+        free = shutil.disk_usage(self.out).free
+        if free < first:
+            return (f"output_dir {self.out}: {free / 1e9:.2f} GB free, and the first checkpoint needs "
+                    f"about {first / 1e9:.2f} GB ({trainable / 1e6:.1f}M trainable parameters x "
+                    f"{per_param} bytes); free space or choose another output_dir")
+        if free < whole:
+            log.warning("output_dir %s: %.2f GB free; the whole run may need about %.2f GB (%d checkpoints kept, "
+                        "merged_base and final of %.2f GB each)", self.out, free / 1e9, whole / 1e9,
+                        self.cfg.logging.keep_last, model_bytes / 1e9)
+        return None
 
     def _tokenized(self, sources, root: Path, label: str):
         """(dataset, stats, key) of `sources` tokenized into the cache under `root`.
@@ -207,14 +330,20 @@ class Pipeline:
             if self.rank == 0:
                 token_cache.publish(root, key, self.world)
             barrier()
-        dataset, stats = token_cache.load(root, key)
-        check_usable(stats, sources)
+        check_usable(token_cache.read_stats(root, key), sources)
+        dataset, stats = token_cache.load(root, key, self.rank, self.world)
         if self.rank == 0:
             log.info("%s (%s %s): %s", label, "tokenized into" if built else "reused", root / key,
                      json.dumps(stats.to_dict()))
         return dataset, stats, key
 
     def _dataset(self, stage: str):
+        """(dataset, stats, collate, key) of a stage, tokenized on the first call (the pre-flight checks)."""
+        if stage not in self._data:
+            self._data[stage] = self._build_dataset(stage)
+        return self._data[stage]
+
+    def _build_dataset(self, stage: str):
         from .data import collate
 
         dataset, stats, key = self._tokenized(self.sources[stage], self.out / stage / "tokenized", f"{stage} data")
@@ -311,9 +440,77 @@ class Pipeline:
                     if k not in ("lr", "max_grad_norm", "micro_batch_size", "save_every", "eval_every")})
         return sig
 
-    # ----- stages -----------------------------------------------------------
-    def _stage_done(self, stage: str) -> bool:
-        return (self.out / stage / "result.json").is_file() and self.cfg.resume
+    # ----- what each step is made from ------------------------------------------------
+    def _step_settings(self, step: str) -> dict:
+        """The settings and data a finished step was made from, by dotted recipe name: a rerun whose values
+        differ stops (exit 2) unless restart_from says to redo the step."""
+        cfg = self.cfg
+        if step in ("stage1", "stage2"):
+            stage_cfg = getattr(cfg, step)
+            sig = self._resume_signature(step, stage_cfg, self._dataset(step)[3])
+            sig.update({f"{step}.lr": stage_cfg.lr, f"{step}.max_grad_norm": stage_cfg.max_grad_norm})
+            if step == "stage1":
+                sig["model.path (the base model)"] = _model_fingerprint(self.base_path)
+            return sig
+        if step == "merge":
+            return {"model.path (the base model)": _model_fingerprint(self.base_path)}
+        return {}
+
+    def _step_upstream(self, step: str) -> dict:
+        """Digests of the published artefacts a step reads: when one was rebuilt, the step is redone."""
+        s1 = self._stage1_dir()
+        paths = {"merge": {"stage1/adapters": self.out / "stage1" / "adapters"},
+                 "stage2": {"merged_base": s1 / "merged_base"},
+                 "final": {"merged_base": s1 / "merged_base", "stage2/adapters": self.out / "stage2" / "adapters"}}
+        return {name: _dir_digest(path) for name, path in paths.get(step, {}).items()}
+
+    def _recorded_inputs(self, step: str) -> dict | None:
+        """What a finished step recorded it was made from; None when the step is not finished."""
+        if step in ("stage1", "stage2"):
+            path = self.out / step / "result.json"
+            if not path.is_file() or not (self.out / step / "adapters" / integrity.MANIFEST_NAME).is_file():
+                return None
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise PipelineError(f"{path}: corrupted ({e}); rerun with restart_from={step} to redo {step}") from None
+            return record.get("inputs", {}) if isinstance(record, dict) else {}
+        target = self.out / ("merged_base" if step == "merge" else "final")
+        if not (target / integrity.MANIFEST_NAME).is_file():
+            return None
+        return integrity.manifest_inputs(target)
+
+    def _plan_steps(self) -> dict:
+        """For each step: 'redo' (restart_from), 'check' (finished with the same settings: skipped if its
+        upstream artefacts are the ones it was made from) or 'run'. Settings that differ from a finished
+        step's stop the run here, before any compute."""
+        order = list(self.steps)
+        restart = self.cfg.restart_from
+        plan = {}
+        for step in order:
+            if restart is not None and order.index(step) >= order.index(restart):
+                plan[step] = "redo"
+                continue
+            recorded = self._recorded_inputs(step) if self.cfg.resume else None
+            if recorded is None:
+                plan[step] = "run"
+                continue
+            diffs = _differences(recorded.get("settings", {}), self._step_settings(step))
+            if diffs:
+                raise PipelineError(
+                    f"{step} in {self.out} is finished, but was made with other settings or data: "
+                    + "; ".join(diffs) + f". Restore them to reuse it, or rerun with restart_from={step} to redo "
+                    f"{step} and every later step (or use another output_dir)")
+            plan[step] = "check"
+        return plan
+
+    def _discard(self, step: str):
+        """Remove a step's outputs (restart_from, or inputs rebuilt upstream) so it runs from scratch."""
+        if self.rank == 0:
+            for rel in STEP_OUTPUTS[step]:
+                path = self.out / rel
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        barrier()
 
     def _train_stage(self, stage: str, data, model, stage_cfg, ds_config, measure_orthogonality: bool):
         dataset, stats, collate, data_key = data
@@ -351,10 +548,9 @@ class Pipeline:
             summary["orthogonality_residual"] = orthogonality_residual(model)
         barrier()
         if self.rank == 0:
-            record = {"summary": summary, "result": result.to_state()}
-            path = self.out / stage / "result.json"
-            path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-            os.replace(path.with_suffix(".tmp"), path)
+            record = {"summary": summary, "result": result.to_state(),
+                      "inputs": {"settings": self._step_settings(stage), "upstream": self._step_upstream(stage)}}
+            integrity.atomic_write_text(self.out / stage / "result.json", json.dumps(record, indent=1))
         del trainer
         gc.collect()
         return summary
@@ -372,7 +568,7 @@ class Pipeline:
     def merge(self):
         """TAIA: fold the attention LoRA into the backbone, keep the Knowledge Aggregator apart."""
         target = self.out / "merged_base"
-        if self.rank == 0 and not (target / "config.json").is_file():
+        if self.rank == 0:
             tmp = self.out / ".merged_base.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model = load_base_model(self.base_path, self.dtype, "sdpa", None, self.cfg.model.trust_remote_code)
@@ -382,7 +578,8 @@ class Pipeline:
             injected_failure("merge", 0, self.rank)  # half-written: the rerun must redo the merge
             remove_adapters(model).save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            _publish_dir(tmp, target)
+            integrity.publish_dir(tmp, target, inputs={"settings": self._step_settings("merge"),
+                                                       "upstream": self._step_upstream("merge")})
             log.info("merge: attention LoRA folded, Noise Aggregator dropped -> %s", target)
         barrier()
 
@@ -395,12 +592,11 @@ class Pipeline:
 
     def stage2(self):
         cfg = self.cfg
-        merged = self._stage1_dir() / "merged_base"
-        if not (merged / "config.json").is_file() or not (merged / "knowledge_adapters").is_dir():
-            raise PipelineError(f"{merged}: not a finished stage-1 output (needs config.json and "
-                                "knowledge_adapters/); run stage=1 first or fix init_from")
+        merged = self._merged_base()
+        integrity.verify_dir_on_all_ranks(merged, "merged_base: rerun with restart_from=merge to rebuild it"
+                                          if merged.parent == self.out else "merged_base of init_from",
+                                          self.rank, self.world)
         meta = adapter_io.read_adapter_config(merged / "knowledge_adapters")
-        self._check_same_base(merged)
         ds_config = build_ds_config(cfg, cfg.stage2, self.world, self.dtype)
         data = self._dataset("stage2")
         protected = self._knowledge_input_bases(merged) if cfg.adapters.protect_inputs_energy > 0 else None
@@ -414,6 +610,13 @@ class Pipeline:
         except ValueError as e:  # an alignment rank the knowledge subspace of init_from leaves no room for
             raise PipelineError(f"adapters.align_rank={cfg.adapters.align_rank} on {merged}: {e}") from None
         return self._train_stage("stage2", data, model, cfg.stage2, ds_config, measure_orthogonality=True)
+
+    def _merged_base(self) -> Path:
+        merged = self._stage1_dir() / "merged_base"
+        if not (merged / "config.json").is_file() or not (merged / "knowledge_adapters").is_dir():
+            raise PipelineError(f"{merged}: not a finished stage-1 output (needs config.json and "
+                                "knowledge_adapters/); run stage=1 first or fix init_from")
+        return merged
 
     def _check_same_base(self, merged: Path):
         """Refuse, before any compute, a stage-1 output built on another base model than the recipe's."""
@@ -430,12 +633,16 @@ class Pipeline:
     def final(self):
         target = self.out / "final"
         merged = self._stage1_dir() / "merged_base"
-        if self.rank == 0 and not (target / "config.json").is_file():
+        if self.rank == 0:
             from .export import save_plain_hf
 
+            integrity.verify_dir(merged, "merged_base")
+            tmp = self.out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             model = load_base_model(merged, self.dtype, "sdpa", None, self.cfg.model.trust_remote_code)
             adapter_io.load_adapters(model, self.out / "stage2" / "adapters")
-            save_plain_hf(merge_all(model), target, tokenizer=self.tokenizer)
+            save_plain_hf(merge_all(model), tmp, tokenizer=self.tokenizer)
+            integrity.publish_dir(tmp, target, inputs={"settings": {}, "upstream": self._step_upstream("final")})
             log.info("final: every adapter folded -> %s (a plain Hugging Face model)", target)
         barrier()
 
@@ -463,18 +670,25 @@ class Pipeline:
     def run(self) -> dict:
         t0 = time.perf_counter()
         self._prepare_inputs()
-        if "stage1" in self.steps:
-            self._check_adapters_fit()
+        self._preflight()
+        plan = self._plan_steps()
         reference = self._general_reference()
         for step in self.steps:
-            if step in ("stage1", "stage2"):
-                if self._stage_done(step):
-                    log.info("%s: already complete, skipping", step)
-                else:
-                    getattr(self, step)()
-                    barrier()
-            else:
-                getattr(self, step)()
+            if plan[step] == "check":
+                recorded = self._recorded_inputs(step).get("upstream", {})
+                now = self._step_upstream(step)
+                if recorded == now:
+                    log.info("%s: already complete with these settings, data and inputs: skipping", step)
+                    continue
+                log.info("%s: its inputs were rebuilt since it finished (%s): redoing it", step,
+                         "; ".join(_differences(recorded, now)))
+                plan[step] = "redo"
+            if plan[step] == "redo":
+                log.info("%s: redoing it from scratch (%s)", step, f"restart_from={self.cfg.restart_from}"
+                         if self.cfg.restart_from else "inputs changed")
+                self._discard(step)
+            getattr(self, step)()
+            barrier()
         report = None
         if self.rank == 0:
             from .report import write_report
@@ -489,4 +703,9 @@ class Pipeline:
 
 
 def run(cfg) -> dict | None:
-    return Pipeline(cfg).run()
+    pipeline = Pipeline(cfg)
+    try:
+        return pipeline.run()
+    finally:
+        if pipeline.lock is not None:
+            pipeline.lock.release()

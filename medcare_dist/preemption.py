@@ -26,6 +26,7 @@ SIGKILL to stop a rank at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -92,6 +93,69 @@ def install(signals=None) -> list[signal.Signals]:
             if sig not in _state["installed"]:
                 _state["installed"][sig] = signal.signal(sig, _handler)
         return list(_state["installed"])
+
+
+@contextlib.contextmanager
+def deferred():
+    """Hold the preemption signals back (blocked, not lost) while start-up work runs: DeepSpeed's JIT op
+    builds and engine set-up. Blocked signals stay pending, and children started meanwhile (ninja, the
+    compiler) inherit the mask, so a SIGUSR1 that SLURM sends to every process of the step cannot kill a
+    build half-way. On leaving, a pending signal reaches the handler: training checkpoints at its first step.
+    """
+    wanted = [s for s in _state["installed"]] or parse_signals(os.environ.get(ENV_SIGNALS))
+    if threading.current_thread() is not threading.main_thread() or not wanted:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def watch_launcher(interval_s: float = 2.0) -> list[int]:
+    """Under DeepSpeed's launcher, stop (checkpoint, exit 75) when the command the user started dies.
+
+    `deepspeed` (the runner) has no SIGTERM handler: a SIGTERM to it kills it at once and leaves its child,
+    the per-node launch.py, and the ranks running to the end. Each rank therefore watches its launch.py
+    and the runner above it; when either is gone it asks for a stop, as the signal would have. Returns the
+    pids watched ([] outside the DeepSpeed launcher: a plain `python launch/train.py` run under nohup
+    must outlive its shell)."""
+    parent = os.getppid()
+    if "deepspeed.launcher.launch" not in _cmdline(parent):
+        return []
+    watched = [parent]
+    runner = _parent_of(parent)
+    if runner and "deepspeed" in _cmdline(runner) and "launcher.launch" not in _cmdline(runner):
+        watched.append(runner)
+
+    def watch():
+        while not requested():
+            gone = [pid for pid in watched if not os.path.exists(f"/proc/{pid}")] or (
+                [parent] if os.getppid() != parent else [])
+            if gone:
+                log.warning("the launcher (pid %s: %s) is gone: stopping at the next step after a checkpoint",
+                            gone[0], "launch.py" if gone[0] == parent else "deepspeed")
+                request(signal.SIGTERM)
+                return
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="medcare-launcher-watch", daemon=True).start()
+    return watched
 
 
 def uninstall():

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from .errors import InputError
+
 REFERENCE_NAME = "general_reference.json"
 CLOSE_ROUGE_L = 0.5
 MAX_NEW_TOKENS = 48
@@ -49,7 +51,7 @@ GENERAL_PROMPTS = (
 )
 
 
-class RetentionError(RuntimeError):
+class RetentionError(InputError):
     """A general-ability reference that does not belong to this run's base model."""
 
 

@@ -10,11 +10,11 @@ builds a new one and removes the old. Memory-mapped Arrow is one copy per node, 
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 from .data import DataStats, _check_source, read_stage_conversations, tokenize_conversations
+from .training import integrity
 
 CACHE_VERSION = 2  # bump when tokenization or the cached layout changes
 INDEX_NAME = "index.json"  # written last: a cache directory without it is incomplete
@@ -69,6 +69,7 @@ def build_slice(root, key: str, sources, tokenizer, max_length: int, on_bad_row:
     part.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_to_disk(str(part))
     (part / "stats.json").write_text(json.dumps(stats.to_dict()))  # written last: marks the part complete
+    integrity.fsync_tree(part)  # this rank's pages: rank 0 digests them next
 
 
 def publish(root, key: str, world: int = 1):
@@ -80,8 +81,7 @@ def publish(root, key: str, world: int = 1):
         if int(stale.name.split("-")[1]) >= world:
             shutil.rmtree(stale, ignore_errors=True)
     (tmp / INDEX_NAME).write_text(json.dumps({"parts": world, "stats": DataStats.combine(parts).to_dict()}))
-    shutil.rmtree(root / key, ignore_errors=True)
-    os.replace(tmp, root / key)
+    integrity.publish_dir(tmp, root / key, inputs={"cache_key": key})
     for old in root.iterdir():  # an edited file, another tokenizer: those caches are stale
         if old.name != key:
             shutil.rmtree(old, ignore_errors=True)
@@ -96,11 +96,18 @@ def build(root, key: str, sources, tokenizer, max_length: int, on_bad_row: str, 
     return True
 
 
-def load(root, key: str):
-    """(memory-mapped datasets.Dataset of the whole stage, DataStats) of a published cache."""
+def read_stats(root, key: str) -> DataStats:
+    """The stats a published cache recorded (read before the rows: a cache of no rows cannot be loaded)."""
+    return DataStats(**json.loads((Path(root) / key / INDEX_NAME).read_text())["stats"])
+
+
+def load(root, key: str, rank: int = 0, world: int = 1):
+    """(memory-mapped datasets.Dataset of the whole stage, DataStats) of a published cache, its digests
+    checked first (the ranks split the files; a collective when world > 1)."""
     import datasets
 
     target = Path(root) / key
+    integrity.verify_dir_on_all_ranks(target, "tokenized cache: delete that directory to rebuild it", rank, world)
     index = json.loads((target / INDEX_NAME).read_text())
     pieces = [datasets.load_from_disk(str(_part(target, r))) for r in range(index["parts"])]
     dataset = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)

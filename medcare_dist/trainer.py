@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import preemption
 from .faults import injected_failure, injected_nonfinite, poison
 from .adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
-from .distributed import all_reduce_sum, barrier
+from .distributed import all_reduce_sum
 from .injection import last_penalty_total, pop_expert_counts, set_noise_aggregator_off, set_penalty_grad_scale
 from .loss import ChunkedLMHead, lm_loss_from_output
 from .orthogonal import orthogonality_residual
@@ -192,8 +192,10 @@ class StageTrainer:
 
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{name}: {len(dataset)} training samples are fewer than one global batch "
-                             f"({self.global_batch}); lower {name}.global_batch_size or add data")
+            from .data import DataError
+
+            raise DataError(f"data.{name}: {len(dataset)} training samples are fewer than one global batch "
+                            f"({name}.global_batch_size={self.global_batch}); lower it or add data")
         total = self.steps_per_epoch * stage_cfg.epochs
         self.total_steps = min(total, stage_cfg.max_steps) if stage_cfg.max_steps > 0 else total
 
@@ -211,8 +213,9 @@ class StageTrainer:
         warmup = math.ceil(stage_cfg.warmup_ratio * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(stage_cfg.lr_scheduler, warmup, self.total_steps))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=ds_config)
+        with preemption.deferred():  # may JIT-build ops: a signal now is handled at the first step instead
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=ds_config)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.model = model
         self.device = self.engine.device
@@ -256,11 +259,15 @@ class StageTrainer:
 
     # ----- resume -----------------------------------------------------------
     def maybe_resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.ckpt_root)
+        path = ckpt.verified_checkpoint(self.ckpt_root, self.rank, self.world, log)
         if path is None:
             return False
         self._check_resumable(path, ckpt.read_trainer_state(path))
+        t0 = time.perf_counter()
         state = ckpt.load_checkpoint(self.engine, path, self.rank)
+        if self.rank == 0:
+            log.info("%s: checkpoint %s verified in %.2f s, loaded in %.2f s", self.name, path.name,
+                     ckpt.LAST_TIMINGS.get("verify_s", 0.0), time.perf_counter() - t0)
         self._apply_peak_lr(path)
         self.start_step = state["step"]
         self.result = StageResult.from_state(state["result"])
@@ -303,8 +310,12 @@ class StageTrainer:
     def _save(self, step: int):
         state = {"stage": self.name, "step": step, "total_steps": self.total_steps, "world_size": self.world,
                  "signature": self.resume_signature, "result": self.result.to_state()}
-        ckpt.save_checkpoint(self.engine, self.ckpt_root, step, state, self.rank, barrier,
+        ckpt.save_checkpoint(self.engine, self.ckpt_root, step, state, self.rank, self.world,
                              self.logging_cfg.keep_last)
+        t = ckpt.LAST_TIMINGS
+        if self.rank == 0:
+            log.info("%s: checkpoint step %d: %.1f MB, written in %.2f s, digested and fsynced in %.2f s", self.name,
+                     step, t["bytes"] / 1e6, t["write_s"], t["digest_fsync_s"])
 
     # ----- the loop ---------------------------------------------------------
     def train(self) -> StageResult:

@@ -94,7 +94,7 @@ def saved(world, tmp_path_factory):
     for step in range(SAVED_STEP):
         train_step(engine, step)
     trainer_state = {"stage": "stage1", "step": SAVED_STEP}
-    path = ckpt.save_checkpoint(engine, root, SAVED_STEP, trainer_state, rank=0, barrier=lambda: None, keep_last=2)
+    path = ckpt.save_checkpoint(engine, root, SAVED_STEP, trainer_state, rank=0, world=1, keep_last=2)
     expected = {
         "path": path, "trainer_state": trainer_state, "rng": torch.get_rng_state(),
         "params": full_params(engine), "optimizer": optimizer_tensors(engine),

@@ -625,3 +625,35 @@ def test_preempted_training_requeues_and_resumes_with_same_losses(tiny_assets, o
     for stage in ("stage1", "stage2"):
         a, b = losses(one_node_two_ranks, stage), losses(out, stage)
         assert len(a) == len(b) and max(abs(x - y) / abs(y) for x, y in zip(a, b)) <= 1e-6, (stage, a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_command_stops_every_rank_after_a_checkpoint(tiny_assets, tmp_path):
+    # The `deepspeed` runner dies of a SIGTERM at once (it has no handler) and would leave launch.py and the
+    # ranks training on; the ranks watch it, checkpoint and exit 75, and a rerun resumes from that checkpoint.
+    import psutil
+
+    out = tmp_path / "run"
+    args = train_args(tiny_assets, out, stage=1, **{"stage1.max_steps": 2000, "stage1.save_every": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                             str(free_port()), str(REPO / "launch" / "train.py"), *args], env=base_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "train.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (log.is_file() and "stage1 step 3/2000" in log.read_text()):
+        time.sleep(0.5)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert len(tree) >= 3, tree                                  # launch.py and two ranks
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    gone, alive = psutil.wait_procs(tree, timeout=120)
+    assert not alive, alive                                      # nothing keeps running
+    text = log.read_text()
+    assert "the launcher" in text and "is gone" in text and "exiting with code 75" in text
+    ckpts = out / "stage1" / "checkpoints"
+    stopped = json.loads((ckpts / (ckpts / "latest").read_text().strip() / "trainer_state.json").read_text())["step"]
+    assert 3 <= stopped < 2000
+    subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                    str(free_port()), str(REPO / "launch" / "train.py"), *args],
+                   env=base_env(MEDCARE_FAIL_AT=f"stage1:{stopped + 1}"), cwd=REPO, capture_output=True, timeout=600)
+    assert f"resumed from {out / 'stage1' / 'checkpoints'}/step-{stopped:07d}" in log.read_text()

@@ -34,7 +34,7 @@ def test_recipes_load(name):
     cfg = load_config(str(RECIPES / f"{name}.yaml"))
     assert isinstance(cfg, RunConfig)
     assert cfg.stage == "all"
-    assert cfg.stage1.epochs == {"demo": 12, "small-chat": 2}.get(name, 1)
+    assert cfg.stage1.epochs == {"demo": 16, "small-chat": 2}.get(name, 1)
     assert cfg.adapters.noise_drop_prob == 0.5
     assert cfg.to_dict()["adapters"]["top_k"] == cfg.adapters.top_k
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # to_dict round-trips

@@ -236,7 +236,7 @@ def test_missing_and_unsupported_files(tok, tmp_path):
     with pytest.raises(DataError, match="unknown format"):
         load_stage_dataset([{"path": str(tmp_path / "data.csv"), "format": "sharegpt"}], tok, 64)
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
-    with pytest.raises(DataError, match="no usable training rows"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: no rows \(an empty file\?\)"):
         load_stage_dataset([{"path": str(empty)}], tok, 64)
 
 

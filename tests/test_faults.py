@@ -24,6 +24,7 @@ from helpers import REPO, RECIPE, base_env, check, free_port, losses, start_two_
 from medcare_dist.checkpoint import safe_load
 from medcare_dist.config import load_config
 from medcare_dist.trainer import lr_lambda
+from medcare_dist.training.integrity import write_manifest
 
 
 def run(tiny_assets, out, env=None, **overrides):
@@ -175,9 +176,11 @@ def test_resume_refuses_other_settings_and_applies_a_new_lr(tiny_assets, tmp_pat
 
     state = json.loads((ckpt / "trainer_state.json").read_text())
     (ckpt / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    write_manifest(ckpt)  # as a 2-rank run would have published it
     proc = run(tiny_assets, tmp_path, **overrides)
     assert proc.returncode == 2 and "written by 2 ranks, and this run has 1" in proc.stderr, proc.stderr[-3000:]
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)
 
     # A new peak lr is taken from the resume on: the lr after step s is new_lr * f(s).
     cfg = load_config(str(RECIPE), train_args(tiny_assets, tmp_path, **overrides)[2:])

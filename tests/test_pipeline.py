@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from medcare_dist import checkpoint as ckpt
+from medcare_dist.training.integrity import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,7 @@ def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
         (path / ckpt.STATE_NAME).write_text(json.dumps({"step": step}))
+        write_manifest(path)
     return path
 
 
