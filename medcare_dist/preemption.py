@@ -211,11 +211,26 @@ def exit_for_requeue(message: str | None = None):
     why = f"{sig.name}" if sig is not None else "a preemption request on another rank"
     log.warning("%s; exiting with code %d so the job is requeued and resumes from the checkpoint",
                 message or f"preempted by {why}", PREEMPT_EXIT_CODE)
+    _record_exit(message or f"preempted by {why}")
     _leave_process_group()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     raise SystemExit(PREEMPT_EXIT_CODE)
+
+
+def _record_exit(message: str):
+    """Global rank 0 writes PREEMPT_EXIT_CODE to $MEDCARE_EXIT_RECORD (set by train.sbatch): a launcher killed by
+    the same signal (SIGTERM from `scontrol requeue` reaches every process of the job) reports 143 or 1, and the
+    batch script reads here that the ranks did checkpoint."""
+    path = os.environ.get("MEDCARE_EXIT_RECORD")
+    if not path or os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(f"{PREEMPT_EXIT_CODE} {message}\n")
+    except OSError as e:
+        log.warning("could not write MEDCARE_EXIT_RECORD=%s: %s", path, e)
 
 
 def _leave_process_group():

@@ -272,6 +272,30 @@ def test_preemption_signal_sets_flag_and_agrees_across_ranks(tmp_path):
     assert "rank 1 stops after step 5 local=True" in outs[1][0]
 
 
+def test_a_signal_during_start_up_is_deferred_and_spares_the_children(tmp_path):
+    # SLURM signals every process of the step: a compiler that DeepSpeed's JIT build runs must survive it, and
+    # the rank must still stop at its first step. Run in a child: signal masks are per thread.
+    script = tmp_path / "deferred.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, subprocess, sys, time
+        from medcare_dist import preemption
+        preemption.install(["USR1", "TERM"])
+        with preemption.deferred():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])  # stands in for ninja
+            time.sleep(0.3)
+            child.send_signal(signal.SIGUSR1)        # what SLURM sends every process of the step
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.1)
+            print("inside:", preemption.requested(), flush=True)
+            print("child:", child.wait(), flush=True)
+        time.sleep(0.1)
+        print("after:", preemption.requested(), preemption.received_signal().name, flush=True)
+    """))
+    proc = subprocess.run([PY, str(script)], env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["inside: False", "child: 0", "after: True SIGUSR1"], proc.stdout
+
+
 def test_preemption_signals_from_environment(monkeypatch):
     from medcare_dist import preemption
 
