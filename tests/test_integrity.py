@@ -302,3 +302,23 @@ def test_damaged_inputs_of_every_kind_exit_2_with_one_line_and_no_traceback(kill
         elif case["names"] and case["names"] not in errors[0]:
             failures.append(f"{case['name']}: the error does not name {case['names']}: {errors[0]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_full_disk_while_checkpointing_names_the_path_and_the_bytes(tmp_path):
+    # torch.save reports a failed write as "enforce fail at inline_container.cc", naming no path.
+    import torch
+
+    from medcare_dist import checkpoint as ckpt
+    from medcare_dist.errors import StorageError
+
+    class Engine:
+        module = torch.nn.Linear(1000, 1000)
+
+        def save_checkpoint(self, *a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    with pytest.raises(StorageError) as e:
+        ckpt.save_checkpoint(Engine(), tmp_path / "ckpts", 3, {}, rank=0, world=1, keep_last=2)
+    msg = str(e.value)
+    assert str(tmp_path / "ckpts" / ".tmp-step-0000003") in msg and "no space left on the device" in msg
+    assert "GB free there, about 0.02 GB needed" in msg and "rerun the same command to resume" in msg
