@@ -782,8 +782,42 @@ def build_ds_config(cfg: RunConfig, stage_cfg: StageConfig, world_size: int, dty
         section = dict(section) if isinstance(section, dict) else {}
         section["enabled"] = on
         ds[key] = section
+    _fill_auto(ds, resolved)
     _check_zero_section(ds, resolved)
     return ds
+
+
+def project_zero_defaults() -> dict:
+    """zero_optimization of ds_configs/zero3.json: the project's choice for every key a foreign config leaves
+    "auto" (HF's "auto" persistence threshold, 10 x hidden, would partition almost every adapter tensor)."""
+    return _strip_comments(_read_ds_json("ds_configs/zero3.json"))["zero_optimization"]
+
+
+def _fill_auto(ds: dict, resolved: Path):
+    """Replace "auto" values (LLaMA-Factory's and HF's ds_z3_config.json) by the project's choices, so DeepSpeed
+    never substitutes its own defaults silently; an "auto" the project has no choice for is an error."""
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        ours = project_zero_defaults()
+        for key, value in list(zero.items()):
+            if value == "auto":
+                if key not in ours:
+                    raise ConfigError(f"DeepSpeed config {resolved}: zero_optimization.{key} is \"auto\" and "
+                                      "medcare-dist has no value for it: give a number")
+                zero[key] = ours[key]
+
+    def find(value, path):
+        if value == "auto":
+            yield path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from find(v, f"{path}.{k}" if path else k)
+
+    left = list(find(ds, ""))
+    if left:
+        raise ConfigError(f"DeepSpeed config {resolved}: {left[0]} is \"auto\" and medcare-dist has no value "
+                          "for it (batch sizes, clipping, precision and zero_optimization are filled in; "
+                          "give a value or remove the key)")
 
 
 def _check_zero_section(ds: dict, resolved: Path):

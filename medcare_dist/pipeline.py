@@ -264,19 +264,30 @@ class Pipeline:
         torch.manual_seed(0)
         with torch.device("meta"):
             add_stage1_adapters(skeleton, self.cfg.adapters)
-        return sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
+        trainable = [p.numel() for p in skeleton.parameters() if p.requires_grad]
+        return sum(trainable), max(trainable, default=0)
 
     def _preflight(self):
         """Everything that can be checked without training, before any step runs: the adapters against the
         model's shapes, both stages' DeepSpeed configs and batch arithmetic, both stages' data (read,
         validated, tokenized into the cache), init_from's base, and the disk space of the first checkpoint."""
         cfg = self.cfg
-        trainable = self._check_adapters_fit()
+        trainable, largest = self._check_adapters_fit()
         if "stage2" in self.steps and "stage1" not in self.steps:
             self._check_same_base(self._merged_base())
         stages = [s for s in ("stage1", "stage2") if s in self.steps]
         for stage in stages:
-            build_ds_config(cfg, getattr(cfg, stage), self.world, self.dtype)
+            zero = build_ds_config(cfg, getattr(cfg, stage), self.world, self.dtype).get("zero_optimization", {})
+            if self.rank != 0:
+                continue
+            log.info("%s: DeepSpeed zero_optimization (%s, \"auto\" filled in): %s", stage, cfg.deepspeed.config,
+                     json.dumps(zero, sort_keys=True))
+            threshold = zero.get("stage3_param_persistence_threshold", 100000)
+            if zero.get("stage") == 3 and isinstance(threshold, (int, float)) and threshold < largest:
+                log.warning("%s: zero_optimization.stage3_param_persistence_threshold=%s in %s partitions adapter "
+                            "tensors (the largest has %d elements): every forward and backward then all-gathers "
+                            "them; ds_configs/zero3.json keeps them whole (2000000)", stage, threshold,
+                            cfg.deepspeed.config, largest)
         for stage in stages:
             dataset = self._dataset(stage)[0]
             glob = getattr(cfg, stage).global_batch_size

@@ -302,6 +302,36 @@ def test_build_ds_config_refuses_conflicting_batch_keys(tmp_path):
         build_ds_config(cfg, cfg.stage1, 1, "fp32")
 
 
+def test_a_foreign_config_with_auto_values_gets_the_projects_choices_not_deepspeeds(tmp_path):
+    # LLaMA-Factory's ds_z3_config.json: DeepSpeed would read "auto" persistence as its default 1e5 and
+    # partition the adapter tensors that ds_configs/zero3.json keeps whole.
+    lf = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+          "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"},
+          "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
+          "zero_optimization": {"stage": 3, "overlap_comm": False, "sub_group_size": 1e9,
+                                "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                "stage3_param_persistence_threshold": "auto",
+                                "stage3_gather_16bit_weights_on_model_save": True}}
+    cfg = load_config(DEMO, [f"deepspeed.config={_ds_json(tmp_path, lf)}"])
+    ds = build_ds_config(cfg, cfg.stage1, 2, "bf16")
+    ours = json.loads((REPO_ROOT / "ds_configs" / "zero3.json").read_text())["zero_optimization"]
+    zero = ds["zero_optimization"]
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        assert zero[key] == ours[key], key
+    assert zero["overlap_comm"] is False and zero["sub_group_size"] == 1e9      # its own values are kept
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False and ds["gradient_clipping"] == 1.0
+    assert "auto" not in json.dumps(ds)
+    lf["zero_optimization"]["offload_param"] = "auto"     # an "auto" the project has no value for
+    lf["wall_clock_breakdown"] = "auto"
+    cfg = load_config(DEMO, [f"deepspeed.config={_ds_json(tmp_path, lf)}"])
+    with pytest.raises(ConfigError, match=r'zero_optimization.offload_param is "auto" and medcare-dist has no value'):
+        build_ds_config(cfg, cfg.stage1, 2, "bf16")
+    del lf["zero_optimization"]["offload_param"]
+    cfg = load_config(DEMO, [f"deepspeed.config={_ds_json(tmp_path, lf)}"])
+    with pytest.raises(ConfigError, match=r'wall_clock_breakdown is "auto"'):
+        build_ds_config(cfg, cfg.stage1, 2, "bf16")
+
+
 def test_ds_json_files_leave_batch_sizes_to_the_recipe():
     for rel in DS_CONFIGS:
         data = json.loads((REPO_ROOT / rel).read_text())

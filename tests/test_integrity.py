@@ -322,3 +322,15 @@ def test_a_full_disk_while_checkpointing_names_the_path_and_the_bytes(tmp_path):
     msg = str(e.value)
     assert str(tmp_path / "ckpts" / ".tmp-step-0000003") in msg and "no space left on the device" in msg
     assert "GB free there, about 0.02 GB needed" in msg and "rerun the same command to resume" in msg
+
+
+def test_a_persistence_threshold_that_partitions_adapters_is_named_before_compute(tiny_assets, tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 100
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    proc = run(tiny_assets, tmp_path / "out", stage=1, **{"deepspeed.config": path, "stage1.global_batch_size": 4096,
+                                                          "stage1.micro_batch_size": 4})
+    assert_refused(proc, "fewer than one global batch")       # stops before compute, after the warning
+    assert "zero_optimization.stage3_param_persistence_threshold=100" in proc.stderr
+    assert "partitions adapter tensors" in proc.stderr
