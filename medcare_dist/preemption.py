@@ -18,7 +18,7 @@ Integration in a training loop (medcare_dist/trainer.py):
 The agreement can also ride on an all-reduce the loop already does: add
 `preemption.local_flag()` (0.0 / 1.0) to a summed tensor and stop when the sum is > 0.
 
-Which signals: MEDCARE_PREEMPT_SIGNALS, comma separated (default "USR1,TERM"; "" or "none"
+Which signals: MEDCARE_PREEMPT_SIGNALS, comma separated (default "USR1,TERM,INT"; "" or "none"
 installs nothing). A second signal does not kill the process: it only repeats the request
 (the DeepSpeed launcher forwards the SIGTERM it receives, so each rank may see two); use
 SIGKILL to stop a rank at once.
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later": a checkpoint was written and the job
 # wants to be requeued. Distinct from Python's 1, torch elastic's codes and death by signal (128+N).
 PREEMPT_EXIT_CODE = 75
-DEFAULT_SIGNALS = "USR1,TERM"
+DEFAULT_SIGNALS = "USR1,TERM,INT"
 ENV_SIGNALS = "MEDCARE_PREEMPT_SIGNALS"
 
 _state = {"signal": None, "time": None, "installed": {}}
@@ -49,6 +49,8 @@ _lock = threading.Lock()
 def _handler(signum, frame):
     # Only a flag: a signal handler runs between two bytecodes of the main thread and must not touch
     # collectives, files or locks the interrupted code may hold.
+    if signum == signal.SIGINT and _state["signal"] == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     if _state["signal"] is None:
         _state["signal"] = signum
         _state["time"] = time.time()
@@ -78,7 +80,7 @@ def parse_signals(spec: str | None) -> list[signal.Signals]:
 def install(signals=None) -> list[signal.Signals]:
     """Route the preemption signals to the flag. Idempotent; a no-op (with a warning) outside the main thread.
 
-    `signals`: a list of signal numbers / names, or None for $MEDCARE_PREEMPT_SIGNALS (default USR1,TERM).
+    `signals`: a list of signal numbers / names, or None for $MEDCARE_PREEMPT_SIGNALS (default USR1,TERM,INT).
     Returns the signals now handled.
     """
     if signals is None:

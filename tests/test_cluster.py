@@ -681,3 +681,19 @@ def test_sigterm_to_the_deepspeed_command_stops_every_rank_after_a_checkpoint(ti
                     str(free_port()), str(REPO / "launch" / "train.py"), *args],
                    env=base_env(MEDCARE_FAIL_AT=f"stage1:{stopped + 1}"), cwd=REPO, capture_output=True, timeout=600)
     assert f"resumed from {out / 'stage1' / 'checkpoints'}/step-{stopped:07d}" in log.read_text()
+
+
+def test_ctrl_c_to_a_plain_run_checkpoints_and_exits_75(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([PY, "launch/train.py", *train_args(tiny_assets, out, stage=1, **{
+        "stage1.max_steps": 2000, "stage1.save_every": 0})], env=base_env(), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "train.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (log.is_file() and "stage1 step 2/2000" in log.read_text()):
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err and "after a preemption signal" in err
+    assert (out / "stage1" / "checkpoints" / "latest").is_file()
