@@ -638,6 +638,10 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
         non_negative(f"{stage}.max_grad_norm", s.max_grad_norm)
         non_negative(f"{stage}.save_every", s.save_every)
         non_negative(f"{stage}.eval_every", s.eval_every)
+        if s.eval_every:
+            # Refused rather than accepted and ignored: nothing evaluates during training yet.
+            fail(f"{stage}.eval_every", "validation during training is not available yet (the held-out "
+                 "evaluation runs after training, in report.md); remove the key or set it to 0")
 
     for i, name in enumerate(cfg.evaluation.report_models):
         if name not in ("base", "stage1", "taia", "final"):

@@ -490,7 +490,13 @@ class StageTrainer:
             self.tb.add_scalar(f"{tag}/penalty", penalty, step)
         if self.result.residuals and self.result.residuals[-1][0] == step:
             self.tb.add_scalar(f"{tag}/orthogonality_residual", self.result.residuals[-1][1], step)
-        for name, counts in self.result.expert_counts.items():
-            total = sum(counts) or 1.0
-            self.tb.add_scalars(f"{tag}/expert_utilisation/{name}",
-                                {f"e{i}": c / total for i, c in enumerate(counts)}, step)
+        if self.result.expert_counts:
+            # One image (layers x experts, each row the share of tokens routed to each expert) and one
+            # imbalance scalar per layer, all in this run's event file: add_scalars would write one run
+            # folder per layer x expert (about 960 for Qwen1.5-14B).
+            names = sorted(self.result.expert_counts)
+            shares = torch.tensor([self.result.expert_counts[n] for n in names], dtype=torch.float32)
+            shares = shares / shares.sum(dim=1, keepdim=True).clamp_min(1.0)
+            self.tb.add_image(f"{tag}/expert_utilisation", (shares / shares.max().clamp_min(1e-9))[None], step)
+            for name, row in zip(names, shares):
+                self.tb.add_scalar(f"{tag}/expert_imbalance/{name}", float(row.max() * row.numel()), step)

@@ -302,6 +302,11 @@ def test_build_ds_config_refuses_conflicting_batch_keys(tmp_path):
         build_ds_config(cfg, cfg.stage1, 1, "fp32")
 
 
+def test_eval_every_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="stage1.eval_every: validation during training is not available yet"):
+        load_config(DEMO, ["stage1.eval_every=50"])
+
+
 def test_a_foreign_config_with_auto_values_gets_the_projects_choices_not_deepspeeds(tmp_path):
     # LLaMA-Factory's ds_z3_config.json: DeepSpeed would read "auto" persistence as its default 1e5 and
     # partition the adapter tensors that ds_configs/zero3.json keeps whole.
