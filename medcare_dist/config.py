@@ -76,6 +76,11 @@ class DataSource:
 class DataConfig:
     stage1: list[DataSource] = field(default_factory=list)  # empty: generated demo data, only with demo=true
     stage2: list[DataSource] = field(default_factory=list)
+    stage1_eval: list[DataSource] = field(default_factory=list)  # validation files of stage 1
+    stage2_eval: list[DataSource] = field(default_factory=list)
+    # For a stage without validation files: this share (0 < v < 1) or number (v >= 1) of its rows is held out
+    # (a seeded choice) and used as its validation set. 0: none.
+    val_size: float = 0.0
     # Train a stage whose list above is empty on the generated ICD-10-CM demo tasks. Off by default: a
     # recipe that forgets a stage's data stops instead of training on demo data.
     demo: bool = False
@@ -127,7 +132,10 @@ class StageConfig:
     global_batch_size: int = 128
     max_grad_norm: float = 1.0  # 0 disables clipping
     save_every: int = 200  # optimizer steps; 0: only at the end of the stage
+    # Validation loss every this many optimizer steps and at the end (data.<stage>_eval or data.val_size); 0: off.
     eval_every: int = 0
+    save_best: bool = False  # the stage ends with the adapters of its best validation loss, not its last
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better validation loss; 0: off
 
 
 @dataclass
@@ -203,7 +211,7 @@ _SYNONYMS = {
     "per_device_train_batch_size": "micro_batch_size", "train_micro_batch_size_per_gpu": "micro_batch_size",
     "batch_size": "global_batch_size", "train_batch_size": "global_batch_size",
     "gradient_accumulation_steps": "global_batch_size", "save_steps": "save_every", "logging_steps": "log_every",
-    "eval_steps": "eval_every", "save_total_limit": "keep_last", "max_seq_length": "max_length",
+    "eval_steps": "eval_every", "load_best_model_at_end": "save_best", "save_total_limit": "keep_last", "max_seq_length": "max_length",
     "model_max_length": "max_length", "model_name_or_path": "path", "torch_dtype": "dtype",
 }
 
@@ -586,6 +594,11 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
     positive("data.max_length", d.max_length)
     non_negative("data.demo_seed", d.demo_seed)
     non_negative("data.stage2_replay", d.stage2_replay)
+    non_negative("data.val_size", d.val_size)
+    if d.val_size >= 1 and d.val_size != int(d.val_size):
+        fail("data.val_size", f"a share must be below 1 and a number of rows whole, got {d.val_size}")
+    if d.val_size and not (cfg.stage1.eval_every or cfg.stage2.eval_every):
+        fail("data.val_size", "given, but stage1.eval_every and stage2.eval_every are 0: nothing would read it")
     for stage in ("stage1", "stage2"):
         for i, src in enumerate(getattr(d, stage)):
             if not src.path.strip():
@@ -638,10 +651,16 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
         non_negative(f"{stage}.max_grad_norm", s.max_grad_norm)
         non_negative(f"{stage}.save_every", s.save_every)
         non_negative(f"{stage}.eval_every", s.eval_every)
-        if s.eval_every:
-            # Refused rather than accepted and ignored: nothing evaluates during training yet.
-            fail(f"{stage}.eval_every", "validation during training is not available yet (the held-out "
-                 "evaluation runs after training, in report.md); remove the key or set it to 0")
+        non_negative(f"{stage}.early_stopping_patience", s.early_stopping_patience)
+        has_eval = bool(getattr(cfg.data, f"{stage}_eval")) or cfg.data.val_size > 0
+        if s.eval_every and not has_eval:
+            fail(f"{stage}.eval_every", f"needs validation data: data.{stage}_eval files, or data.val_size to hold "
+                 "out a share of the training rows")
+        if (s.save_best or s.early_stopping_patience) and not s.eval_every:
+            key = "save_best" if s.save_best else "early_stopping_patience"
+            fail(f"{stage}.{key}", f"needs {stage}.eval_every > 0 (it acts on the validation loss)")
+        if getattr(cfg.data, f"{stage}_eval") and not s.eval_every:
+            fail(f"data.{stage}_eval", f"given, but {stage}.eval_every is 0: nothing would read it")
 
     for i, name in enumerate(cfg.evaluation.report_models):
         if name not in ("base", "stage1", "taia", "final"):

@@ -42,9 +42,9 @@ log = logging.getLogger("medcare_dist")
 
 KNOWLEDGE_INPUT_ROWS = 512  # stage-1 rows whose layer inputs define the protected subspace
 
-STEP_OUTPUTS = {"stage1": ("stage1/result.json", "stage1/adapters", "stage1/checkpoints"),
+STEP_OUTPUTS = {"stage1": ("stage1/result.json", "stage1/adapters", "stage1/checkpoints", "stage1/best_adapters"),
                 "merge": ("merged_base",), "stage2": ("stage2/result.json", "stage2/adapters", "stage2/checkpoints",
-                                                      "stage2/knowledge_inputs.safetensors"),
+                                                      "stage2/best_adapters", "stage2/knowledge_inputs.safetensors"),
                 "final": ("final",)}
 
 
@@ -358,14 +358,42 @@ class Pipeline:
         from .data import collate
 
         dataset, stats, key = self._tokenized(self.sources[stage], self.out / stage / "tokenized", f"{stage} data")
+        dataset, eval_set, key = self._validation_split(stage, dataset, key)
         if stage == "stage2" and self.cfg.data.stage2_replay > 0:
             dataset, key = self._with_replay(dataset, key)
         pad_id, max_length = self.tokenizer.pad_token_id, self.cfg.data.max_length
         if self.cfg.data.packing:
             # Each micro-batch's samples packed into rows of <= max_length (position_ids restart per sample,
             # no attention_mask): the same samples and loss tokens, a fraction of the padding.
-            return dataset, stats, (lambda batch: collate_packed(batch, pad_id, max_length, pad_to_multiple_of=8)), key
-        return dataset, stats, (lambda batch: collate(batch, pad_id)), key
+            fn = lambda batch: collate_packed(batch, pad_id, max_length, pad_to_multiple_of=8)  # noqa: E731
+        else:
+            fn = lambda batch: collate(batch, pad_id)  # noqa: E731
+        return dataset, stats, fn, key, eval_set
+
+    def _validation_split(self, stage: str, dataset, key: str):
+        """(training rows, validation rows or None, key): the stage's eval files, tokenized like its data, or
+        data.val_size of its rows held out (a seeded choice, fixed for the run); None without eval_every."""
+        cfg = self.cfg
+        if not getattr(cfg, stage).eval_every:
+            return dataset, None, key
+        files = [s.__dict__ for s in getattr(cfg.data, f"{stage}_eval")]
+        if files:
+            eval_set, _, eval_key = self._tokenized(files, self.out / stage / "tokenized_eval", f"{stage} eval data")
+            return dataset, eval_set, f"{key}+eval:{eval_key}"
+        v = cfg.data.val_size
+        n_val = int(v) if v >= 1 else round(v * len(dataset))
+        if not 1 <= n_val < len(dataset):
+            from .data import DataError
+
+            raise DataError(f"data.val_size={v}: holds out {n_val} of the {len(dataset)} rows of data.{stage}; "
+                            "it must leave at least one row on each side")
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + (5 if stage == "stage1" else 7))
+        perm = torch.randperm(len(dataset), generator=g).tolist()
+        held, kept = sorted(perm[:n_val]), sorted(perm[n_val:])
+        if self.rank == 0:
+            log.info("%s: %d rows held out for validation (data.val_size=%g), %d left for training", stage, n_val,
+                     v, len(kept))
+        return dataset.select(kept), dataset.select(held), f"{key}+val:{v}"
 
     def _with_replay(self, dataset, key: str):
         """Stage-2 rows plus round(stage2_replay x their number) stage-1 rows (a seeded subset, fixed for
@@ -448,7 +476,7 @@ class Pipeline:
         sig = {"seed": self.cfg.seed, "model.dtype": self.dtype, f"data.{stage} (the tokenized rows)": data_key}
         sig.update({f"adapters.{k}": v for k, v in asdict(self.cfg.adapters).items()})
         sig.update({f"{stage}.{k}": v for k, v in asdict(stage_cfg).items()
-                    if k not in ("lr", "max_grad_norm", "micro_batch_size", "save_every", "eval_every")})
+                    if k not in ("lr", "max_grad_norm", "micro_batch_size", "save_every")})
         return sig
 
     # ----- what each step is made from ------------------------------------------------
@@ -524,7 +552,7 @@ class Pipeline:
         barrier()
 
     def _train_stage(self, stage: str, data, model, stage_cfg, ds_config, measure_orthogonality: bool):
-        dataset, stats, collate, data_key = data
+        dataset, stats, collate, data_key, eval_set = data
         if self.cfg.data.packing and not supports_packing(model):
             raise PipelineError(f"data.packing=true needs an attention implementation that reads packed "
                                 f"position_ids (sdpa, eager, flash_attention_2), not "
@@ -543,7 +571,8 @@ class Pipeline:
                                self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.tb,
                                self.cfg.fault_tolerance.max_nonfinite_steps,
                                self._resume_signature(stage, stage_cfg, data_key),
-                               noise_drop_prob=self.cfg.adapters.noise_drop_prob if stage == "stage1" else 0.0)
+                               noise_drop_prob=self.cfg.adapters.noise_drop_prob if stage == "stage1" else 0.0,
+                               eval_dataset=eval_set)
         if self.cfg.resume:
             trainer.maybe_resume()
         n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -552,8 +581,21 @@ class Pipeline:
                  "%.2fM trainable parameters", stage, len(dataset), trainer.total_steps, trainer.global_batch,
                  trainer.micro, self.world, trainer.grad_accum, n_trainable / 1e6)
         result = trainer.train()
-        adapter_io.save_adapters(model, self.out / stage / "adapters", extra={"stage": stage},
-                                 is_writer=self.rank == 0)
+        best = self.out / stage / "best_adapters"
+        if stage_cfg.save_best and (best / integrity.MANIFEST_NAME).is_file():
+            # The stage's output is its best validation step's adapters (written by the trainer when it was best).
+            if self.rank == 0:
+                integrity.verify_dir(best, "best adapters")
+                tmp = self.out / stage / ".adapters.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(best, tmp)
+                integrity.publish_dir(tmp, self.out / stage / "adapters", files=integrity.read_manifest(best)["files"])
+                log.info("%s: keeping the adapters of step %s, the best validation loss (%.4f), as the stage's output",
+                         stage, result.best_step, result.best_val_loss)
+            barrier()
+        else:
+            adapter_io.save_adapters(model, self.out / stage / "adapters", extra={"stage": stage},
+                                     is_writer=self.rank == 0)
         summary = {**result.summary(), "samples": len(dataset), "data": stats.to_dict()}
         if measure_orthogonality:
             summary["orthogonality_residual"] = orthogonality_residual(model)

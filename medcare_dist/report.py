@@ -17,7 +17,14 @@ def _plot_losses(stages: dict, path: Path):
     fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.6), squeeze=False)
     for ax, (name, rec) in zip(axes[0], stages.items()):
         steps, losses = zip(*rec["result"]["losses"]) if rec["result"]["losses"] else ((), ())
-        ax.plot(steps, losses, lw=1.2)
+        ax.plot(steps, losses, lw=1.2, label="training")
+        val = rec["result"].get("val_losses") or []
+        if val:
+            ax.plot(*zip(*val), "o-", lw=1.2, ms=3, label="validation")
+            best = rec["result"].get("best_step")
+            if best is not None:
+                ax.axvline(best, color="grey", ls=":", lw=1, label=f"best (step {best})")
+            ax.legend(fontsize=8)
         ax.set_title(f"{name} training loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("token cross-entropy")
@@ -245,12 +252,16 @@ def _pipeline_markdown(report: dict) -> list:
 
 def _markdown(report: dict, plots) -> str:
     lines = ["# medcare-dist run report", "",
-             "| stage | steps | skipped (NaN/inf) | first loss | last loss | first 10% mean | last 10% mean | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| stage | steps | skipped (NaN/inf) | first loss | last loss | first 10% mean | last 10% mean | "
+             "validation loss (last / best @ step) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
+        val = "-" if s.get("val_loss_last") is None else (
+            f"{_fmt(s['val_loss_last'])} / {_fmt(s['val_loss_best'])} @ {s['best_step']}"
+            + (f", stopped early at {s['stopped_early_at']}" if s.get("stopped_early_at") else ""))
         lines.append(f"| {name} | {s['steps']} | {s.get('skipped_steps', 0)} | {_fmt(s['train_loss_first'])} | {_fmt(s['train_loss_last'])} | "
                      f"{_fmt(s['train_loss_first_10pct_mean'])} | {_fmt(s['train_loss_last_10pct_mean'])} | "
-                     f"{_fmt(s['tokens_per_s'], '.0f')} |")
+                     f"{val} | {_fmt(s['tokens_per_s'], '.0f')} |")
     o = report["orthogonality"]
     lines += ["", f"Orthogonality: mode `{o['mode']}`, freeze_knowledge `{o['freeze_knowledge']}`, "
               f"max residual |A_a Q|/|A_a| = {_fmt(o['residual_max'], '.2e')}.", "",

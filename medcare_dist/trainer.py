@@ -137,6 +137,11 @@ class StageResult:
     model_flops: float = 0.0                            # summed over the stage and the ranks (ModelFlops)
     peak_tflops: float | None = None                    # of one device; MFU is reported when known
     world_size: int = 1
+    val_losses: list = field(default_factory=list)      # (step, mean token loss over the validation rows)
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early_at: int | None = None                 # early_stopping_patience ran out at this step
 
     def summary(self) -> dict:
         loss = [v for _, v in self.losses]
@@ -156,6 +161,10 @@ class StageResult:
                     if self.seconds > 0 and self.peak_tflops else None),
             "resumed_from": self.resumed_from,
             "skipped_steps": len(self.skipped_steps),
+            "val_loss_last": self.val_losses[-1][1] if self.val_losses else None,
+            "val_loss_best": self.best_val_loss,
+            "best_step": self.best_step,
+            "stopped_early_at": self.stopped_early_at,
         }
 
     def to_state(self) -> dict:
@@ -171,11 +180,12 @@ class StageTrainer:
 
     def __init__(self, name, model, dataset, collate, stage_cfg, ds_config, out_dir, rank, world_size,
                  seed, logging_cfg, measure_orthogonality=False, tb_writer=None, max_nonfinite_steps=3,
-                 resume_signature=None, noise_drop_prob=0.0):
+                 resume_signature=None, noise_drop_prob=0.0, eval_dataset=None):
         import deepspeed
 
         self.name, self.rank, self.world = name, rank, world_size
         self.dataset, self.collate = dataset, collate
+        self.eval_dataset = eval_dataset
         self.cfg, self.logging_cfg = stage_cfg, logging_cfg
         self.seed = seed
         self.out_dir = Path(out_dir)
@@ -393,6 +403,8 @@ class StageTrainer:
                 self._log(step + 1, loss, lr, grad_norm, tps, tflops)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
+            if self._eval_due(step + 1) and self._validate(step + 1, bar):
+                break  # early stopping: every rank saw the same validation losses
             periodic = self.cfg.save_every and (step + 1) % self.cfg.save_every == 0
             streak = self._nonfinite_streak()
             stop = streak > self.max_nonfinite_steps  # saves even at the last step: the run ends in an error
@@ -411,6 +423,71 @@ class StageTrainer:
         set_noise_aggregator_off(self.model, False)
         res.seconds += time.perf_counter() - t_stage
         return res
+
+    # ----- validation -------------------------------------------------------
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return bool(self.eval_dataset is not None and every and (step % every == 0 or step == self.total_steps))
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
+        """Mean token loss over the validation rows: each rank takes a contiguous share, every rank runs the
+        same number of forwards (ZeRO-3 gathers parameters inside them), the sums are all-reduced."""
+        n = len(self.eval_dataset)
+        per_rank = -(-n // self.world)
+        mine = list(range(self.rank * per_rank, min(n, (self.rank + 1) * per_rank)))
+        self.engine.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for b in range(-(-per_rank // self.micro)):
+            rows = mine[b * self.micro:(b + 1) * self.micro]
+            batch = self.collate([self.eval_dataset[i] for i in (rows or [0])])  # a share may run out: a dummy
+            batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            if self.head is not None:
+                with self.head.loss_for(batch["labels"]):
+                    loss = lm_loss_from_output(self.engine(**inputs))
+            else:
+                loss = token_loss_sum(self.engine(**inputs).logits, batch["labels"])
+            if rows:
+                loss_sum += loss.detach().float()
+                tokens += (batch["labels"][:, 1:] != -100).sum()
+        self.engine.train()
+        totals = all_reduce_sum(torch.stack([loss_sum, tokens.float()]))
+        return totals[0].item() / max(1.0, totals[1].item())
+
+    def _validate(self, step: int, bar) -> bool:
+        """Evaluate, keep the best (save_best), log; True when early stopping ends the stage here."""
+        from . import adapter_io
+        from .training import integrity
+
+        res = self.result
+        val = self._validation_loss()
+        res.val_losses.append((step, val))
+        if res.best_val_loss is None or val < res.best_val_loss:
+            res.best_val_loss, res.best_step, res.evals_since_best = val, step, 0
+            if self.cfg.save_best:
+                tmp, best = self.out_dir / ".best_adapters.tmp", self.out_dir / "best_adapters"
+                adapter_io.save_adapters(self.model, tmp, extra={"stage": self.name, "step": step,
+                                                                 "val_loss": val}, is_writer=self.rank == 0)
+                if self.rank == 0:
+                    integrity.publish_dir(tmp, best, files=integrity.read_manifest(tmp)["files"])
+        else:
+            res.evals_since_best += 1
+        if self.rank == 0:
+            log.info("%s step %d/%d val_loss %.4f (best %.4f at step %d)", self.name, step, self.total_steps, val,
+                     res.best_val_loss, res.best_step)
+            if self.tb is not None:
+                self.tb.add_scalar(f"{self.name}/val_loss", val, step)
+            bar.set_postfix(val_loss=f"{val:.4f}", best=f"{res.best_val_loss:.4f}")
+        patience = self.cfg.early_stopping_patience
+        if patience and res.evals_since_best >= patience and step < self.total_steps:
+            res.stopped_early_at = step
+            if self.rank == 0:
+                log.info("%s: early stopping at step %d: no better validation loss in %d evaluations (best %.4f at "
+                         "step %d)", self.name, step, patience, res.best_val_loss, res.best_step)
+            return True
+        return False
 
     # ----- numerical faults ---------------------------------------------------
     def _check_skipped(self, step: int, loss: float, ranks_skipped: int) -> bool:

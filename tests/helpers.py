@@ -17,6 +17,7 @@ SMALL = {
     "stage2.micro_batch_size": 4, "stage2.global_batch_size": 8, "stage1.save_every": 2, "stage2.save_every": 0,
     "logging.tensorboard": False, "logging.progress_bar": False, "logging.log_every": 1,
     "data.stage2_replay": 0.5,  # stage 2 replays stage-1 rows (the demo recipe's 1.0 would double its rows)
+    "data.val_size": 0.05, "stage1.eval_every": 5,  # stage 1 holds out 5 % of its rows, validated at its end
 }
 
 

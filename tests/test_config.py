@@ -302,9 +302,20 @@ def test_build_ds_config_refuses_conflicting_batch_keys(tmp_path):
         build_ds_config(cfg, cfg.stage1, 1, "fp32")
 
 
-def test_eval_every_is_refused_not_ignored():
-    with pytest.raises(ConfigError, match="stage1.eval_every: validation during training is not available yet"):
+def test_validation_keys_are_checked_together():
+    with pytest.raises(ConfigError, match="stage1.eval_every: needs validation data"):
         load_config(DEMO, ["stage1.eval_every=50"])
+    with pytest.raises(ConfigError, match=r"stage2.save_best: needs stage2.eval_every > 0"):
+        load_config(DEMO, ["stage2.save_best=true"])
+    with pytest.raises(ConfigError, match="data.val_size: given, but"):
+        load_config(DEMO, ["data.val_size=0.1"])
+    with pytest.raises(ConfigError, match="data.stage1_eval: given, but stage1.eval_every is 0"):
+        load_config(DEMO, ["data.stage1_eval=[/x.jsonl]"])
+    with pytest.raises(ConfigError, match="a share must be below 1"):
+        load_config(DEMO, ["data.val_size=2.5", "stage1.eval_every=5"])
+    cfg = load_config(DEMO, ["data.val_size=0.1", "stage1.eval_every=5", "stage1.save_best=true",
+                             "stage1.early_stopping_patience=2"])
+    assert cfg.stage1.save_best and cfg.stage1.early_stopping_patience == 2
 
 
 def test_a_foreign_config_with_auto_values_gets_the_projects_choices_not_deepspeeds(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, RECIPE, base_env, train_args
+from helpers import REPO, base_env, train_args
 
 from medcare_dist.checkpoint import verified_checkpoint
 from medcare_dist.training import integrity

@@ -53,6 +53,11 @@ def test_two_ranks_match_one_rank_and_stay_orthogonal(tiny_assets, two_rank_run,
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
             assert abs(x - y) <= 1e-4 * abs(y), (stage, a, b)
+    # The validation loss, sharded over 2 ranks and gathered, equals 1 rank's.
+    val = [json.loads((out / "stage1" / "result.json").read_text())["result"]["val_losses"]
+           for out in (two_rank_run, tmp_path)]
+    assert [s for s, _ in val[0]] == [s for s, _ in val[1]] == [5]
+    assert abs(val[0][0][1] - val[1][0][1]) <= 1e-4 * val[1][0][1], val
     report = json.loads((two_rank_run / "report.json").read_text())
     assert report["orthogonality"]["mode"] == "hard"
     assert report["orthogonality"]["residual_max"] < 1e-5
