@@ -10,7 +10,8 @@ def parse_args(argv=None):
         prog="launch/train.py",
         description="MedCare two-stage fine-tuning: stage 1 (attention LoRA + knowledge/noise mixture-of-LoRA) "
                     "-> TAIA merge -> stage 2 (orthogonal alignment LoRA) -> merged model.")
-    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. launch/recipes/demo.yaml")
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. launch/recipes/demo.yaml, or the name of a shipped "
+                   "one (demo, small-chat, qwen1.5-1.8b, qwen1.5-7b, qwen1.5-14b, ablation)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stage1.lr=1e-4 stage=2")
     return p.parse_args(argv)

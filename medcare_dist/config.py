@@ -28,6 +28,27 @@ __all__ = [
 
 # The repository root: relative DeepSpeed config paths in recipes are written from here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Where an installed (non-editable) package keeps launch/recipes and ds_configs (pyproject's package-dir map).
+SHIPPED = {"launch/recipes": Path(__file__).resolve().parent / "shipped_recipes",
+           "ds_configs": Path(__file__).resolve().parent / "shipped_ds_configs"}
+
+
+def shipped_file(folder: str, name: str) -> Path | None:
+    """launch/recipes/<name> or ds_configs/<name>: from the checkout, else from the installed package."""
+    for base in (REPO_ROOT / folder, SHIPPED[folder]):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A recipe file, or the name of a shipped one (`demo`, `qwen1.5-7b.yaml`): what `medcare-train --recipe
+    demo` finds after a pip install, outside any checkout."""
+    path = Path(recipe).expanduser()
+    if path.is_file() or "/" in recipe:
+        return path
+    shipped = shipped_file("launch/recipes", recipe if recipe.endswith((".yaml", ".yml")) else f"{recipe}.yaml")
+    return shipped or path
 
 # Keys that only the recipe may decide; a DeepSpeed JSON may leave them out or repeat the same value.
 _RECIPE_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
@@ -686,8 +707,10 @@ def _finish(root: Optional[_Node]) -> RunConfig:
 
 
 def load_config(recipe_path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML recipe, apply dotted `key=value` overrides in order, check every field."""
-    path = Path(recipe_path)
+    """Read a YAML recipe (a path, or a shipped recipe's name), apply dotted `key=value` overrides in order,
+    check every field."""
+    path = resolve_recipe_path(str(recipe_path))
+    recipe_path = str(path) if path.is_file() else recipe_path
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -710,13 +733,16 @@ def load_config(recipe_path: str, overrides: Sequence[str] = ()) -> RunConfig:
 
 
 def resolve_ds_config_path(path: str) -> Path:
-    """Absolute paths as given; relative ones from the repository root, else from the working directory."""
+    """Absolute paths as given; relative ones from the repository root, else from the working directory, else
+    (`ds_configs/<name>`) the installed package's copy."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
     for base in (REPO_ROOT, Path.cwd()):
         if (base / p).is_file():
             return base / p
+    if p.parent == Path("ds_configs") and (SHIPPED["ds_configs"] / p.name).is_file():
+        return SHIPPED["ds_configs"] / p.name
     return REPO_ROOT / p
 
 

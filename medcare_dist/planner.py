@@ -418,10 +418,10 @@ def zero_settings(ds_config: Optional[dict], stage: Optional[int] = None, offloa
 
 
 def repo_ds_config(stage: int, offload: bool) -> dict:
-    from .config import REPO_ROOT
+    from .config import resolve_ds_config_path
 
     name = "zero2.json" if stage == 2 else ("zero3_offload.json" if offload else "zero3.json")
-    path = REPO_ROOT / "ds_configs" / name
+    path = resolve_ds_config_path(f"ds_configs/{name}")
     data = json.loads(path.read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
@@ -908,7 +908,7 @@ def measure_main(args):
         print("error: --measure runs stage 1 only", file=sys.stderr)
         return 2
     rank, world = init_distributed()
-    cfg = load_config(args.recipe or str(Path(__file__).resolve().parent.parent / "launch/recipes/demo.yaml"),
+    cfg = load_config(args.recipe or "demo",
                       args.overrides)
     model_path = args.model or cfg.model.path
     if not model_path or not Path(model_path).is_dir():
