@@ -222,7 +222,8 @@ class RunConfig:
 _ALIASES = {
     "float32": "fp32", "fp32": "fp32", "float": "fp32",
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
-    "flash_attn": "flash_attention_2", "flash_attention": "flash_attention_2",
+    "flash_attn": "flash_attention_2", "flash_attention": "flash_attention_2", "fa2": "flash_attention_2",
+    "flash-attn": "flash_attention_2", "flash_attn2": "flash_attention_2", "flash-attention-2": "flash_attention_2",
 }
 
 

@@ -302,6 +302,11 @@ def test_build_ds_config_refuses_conflicting_batch_keys(tmp_path):
         build_ds_config(cfg, cfg.stage1, 1, "fp32")
 
 
+@pytest.mark.parametrize("name", ["fa2", "flash_attn", "flash-attn", "FA2", "flash_attention_2"])
+def test_flash_attention_is_accepted_by_the_names_users_know(name):
+    assert load_config(DEMO, [f"model.attn_implementation={name}"]).model.attn_implementation == "flash_attention_2"
+
+
 def test_validation_keys_are_checked_together():
     with pytest.raises(ConfigError, match="stage1.eval_every: needs validation data"):
         load_config(DEMO, ["stage1.eval_every=50"])
