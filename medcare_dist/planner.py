@@ -33,7 +33,10 @@ from typing import Optional
 GiB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-# Qwen1.5 shapes (DESIGN.md section 4, from the published configs).
+# Shapes from the published config.json files (Qwen1.5: DESIGN.md section 4). Qwen2/2.5 carry a q/k/v bias;
+# Qwen3 and Llama-3 do not; the small ones tie the embedding and the output head.
+_QWEN2 = dict(qkv_bias=True)
+_NO_BIAS = dict(qkv_bias=False)
 PRESETS = {
     "qwen1.5-1.8b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
                          num_key_value_heads=16, vocab_size=151936),
@@ -41,6 +44,36 @@ PRESETS = {
                        num_key_value_heads=32, vocab_size=151936),
     "qwen1.5-14b": dict(hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40,
                         num_key_value_heads=40, vocab_size=152064),
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
+    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, **_QWEN2),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
+    "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, **_QWEN2),
+    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, **_QWEN2),
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True, **_NO_BIAS),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True, **_NO_BIAS),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, **_NO_BIAS),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, **_NO_BIAS),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True, **_NO_BIAS),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, **_NO_BIAS),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, **_NO_BIAS),
 }
 
 # ZeRO knobs the planner reads; values are DeepSpeed's own defaults, the repo's JSON files override them.
@@ -757,7 +790,7 @@ def _parser():
         description="Capacity planner for MedCare on DeepSpeed: per-GPU memory, bytes communicated per step, "
                     "predicted step time and tokens/s, a recommended ds_config. --measure checks the "
                     "communication figure against DeepSpeed's comms logger (run it under a launcher).")
-    p.add_argument("--model", help="qwen1.5-1.8b | qwen1.5-7b | qwen1.5-14b | a local HF directory (config.json)")
+    p.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}) or a local HF directory (config.json)")
     p.add_argument("--recipe", help="take adapters, batch sizes, dtype, checkpointing and ds config from a recipe")
     p.add_argument("--stage", type=int, choices=(1, 2), default=1, help="training stage to plan (default 1)")
     p.add_argument("--nodes", type=int, default=1)

@@ -345,6 +345,19 @@ def test_planner_14b_two_nodes_table_and_json():
     assert ds["train_batch_size"] == 128 and ds["gradient_accumulation_steps"] == 2
 
 
+# Parameter counts the model cards publish (embedding included; tied heads counted once).
+PUBLISHED = {"qwen2.5-0.5b": 0.494e9, "qwen2.5-7b": 7.62e9, "qwen2.5-14b": 14.7e9, "qwen3-0.6b": 0.596e9,
+             "qwen3-8b": 8.19e9, "llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9}
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED))
+def test_planner_presets_of_other_families_match_the_published_sizes(model):
+    proc = run_plan("--model", model, "--json")
+    assert proc.returncode == 0, proc.stderr
+    frozen = json.loads(proc.stdout)["plan"]["parameters"]["frozen"]
+    assert abs(frozen - PUBLISHED[model]) <= 0.01 * PUBLISHED[model], (model, frozen)
+
+
 def test_planner_says_when_a_job_does_not_fit(tmp_path):
     proc = run_plan("--model", "qwen1.5-14b", "--nodes", "1", "--gpus-per-node", "1", "--zero", "2",
                     "--seq-len", "3072", "--micro-batch", "4", "--no-checkpointing", "--gpu-mem", "24",
