@@ -83,11 +83,23 @@ def _batches(order, batch_size):
         yield order[start:start + batch_size]
 
 
+def split_encoding(tokenizer, context: str, continuation: str) -> tuple[list, list]:
+    """(context ids, continuation ids) the way lm-evaluation-harness splits them: whitespace ending the context
+    moves to the front of the continuation, the whole text is encoded at once (a BPE may merge across the
+    boundary, as it does in the canonical tokenisation), and the continuation is what follows the context's
+    own encoding."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    whole = _encode(tokenizer, stripped + continuation)
+    n_ctx = len(_encode(tokenizer, stripped))
+    return whole[:n_ctx], whole[n_ctx:]
+
+
 def loglikelihoods(model, tokenizer, requests, batch_size: int = 8, max_length: int | None = None,
                    progress=None, device=None) -> list:
     """(sum of log p(continuation tokens | context), number of continuation tokens) per (context, continuation).
 
-    Whitespace that ends the context is moved to the front of the continuation, so "The answer is " + "B"
+    Context and continuation are split as `split_encoding` does (lm-eval's rule), so "The answer is " + "B"
     is tokenised like the natural "The answer is B". Sequences are left-padded (position ids from the
     attention mask) and only the last max(continuation)+1 positions' logits are computed.
     """
@@ -97,9 +109,7 @@ def loglikelihoods(model, tokenizer, requests, batch_size: int = 8, max_length: 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs, conts = [], []
     for context, continuation in requests:
-        stripped = context.rstrip()
-        continuation = context[len(stripped):] + continuation
-        ctx, cont = _encode(tokenizer, stripped), _encode(tokenizer, continuation)
+        ctx, cont = split_encoding(tokenizer, context, continuation)
         if not cont:
             raise ValueError(f"empty continuation {continuation!r}")
         seq = ctx + cont
@@ -174,8 +184,21 @@ def mcq_requests(tokenizer, item: Item, answer_prefix: str | None, target: str):
         bodies = [t for _, t in item.options]
     else:
         bodies = [f"{l}. {t}" for l, t in item.options]
-    sep = " " if context and (context[-1].isascii() and context[-1].isalnum()) else ""
-    return [(context, sep + b) for b in bodies]
+    return [(context, option_separator(context) + b) for b in bodies]
+
+
+def option_separator(context: str) -> str:
+    """The space lm-eval puts between context and option (its target_delimiter), except after whitespace and
+    after CJK text, where no space is written ("答案为B")."""
+    if not context or context[-1].isspace():
+        return ""
+    return "" if _is_cjk(context[-1]) else " "
+
+
+def _is_cjk(ch: str) -> bool:
+    code = ord(ch)
+    return (0x2E80 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF or 0xFF00 <= code <= 0xFFEF
+            or 0x3000 <= code <= 0x303F)
 
 
 @dataclass
@@ -186,6 +209,9 @@ class EvalSettings:
     max_length: int | None = None
     answer_prefix: str | None = None     # None: "The answer is " / "答案为" by the item's language
     loglik_target: str = "option"        # option ("B. text") | letter | text
+    # How options are ranked: token (mean log-probability per token), sum (lm-eval's acc), char (the sum per
+    # character of the continuation, lm-eval's acc_norm).
+    normalization: str = "token"
     multi_select: str = "threshold"      # threshold | top-gold
     multi_threshold: float | None = None
     extra: dict = field(default_factory=dict)
@@ -206,11 +232,16 @@ def evaluate_items(model, tokenizer, items, settings: EvalSettings, progress=Non
         lls = loglikelihoods(model, tokenizer, reqs, settings.batch_size, settings.max_length, progress, device)
         pos = 0
         for it, n in zip(mcq, owners):
-            norm = {l: s / max(c, 1) for (l, _), (s, c) in zip(it.options, lls[pos:pos + n])}
+            mine, conts = lls[pos:pos + n], [c for _, c in reqs[pos:pos + n]]
             pos += n
+            raw = {l: {"sum": round(s, 6), "tokens": c, "chars": len(cont)}
+                   for (l, _), (s, c), cont in zip(it.options, mine, conts)}
+            norm = {l: normalized(r, settings.normalization) for l, r in raw.items()}
             pred = select_options(norm, it.multi, settings.multi_select, settings.multi_threshold, len(it.gold))
             results.append(_record(it, "loglik", {"pred": pred, "parsed": True, "score": float(pred == it.gold),
-                                                  "option_scores": {l: round(v, 5) for l, v in norm.items()}}))
+                                                  "normalization": settings.normalization,
+                                                  "option_scores": {l: round(v, 5) for l, v in norm.items()},
+                                                  "option_logliks": raw}))
     gen_items = [it for it in items if it.kind != "mcq" or use_gen]
     by_budget = defaultdict(list)
     for it in gen_items:
@@ -222,6 +253,19 @@ def evaluate_items(model, tokenizer, items, settings: EvalSettings, progress=Non
         for it, text in zip(group, texts):
             results.append(_record(it, "generate", {**score_generation(it, text), "output": text}))
     return sorted(results, key=lambda r: (r["index"], r["scorer"]))
+
+
+NORMALIZATIONS = ("token", "sum", "char")
+
+
+def normalized(option: dict, how: str) -> float:
+    """An option's score from its summed log-likelihood: per token, the sum itself (lm-eval acc) or per
+    character of the continuation (lm-eval acc_norm)."""
+    if how == "sum":
+        return option["sum"]
+    if how == "char":
+        return option["sum"] / max(option["chars"], 1)
+    return option["sum"] / max(option["tokens"], 1)
 
 
 def _record(item: Item, scorer: str, res: dict) -> dict:
@@ -403,6 +447,10 @@ def parse_args(argv=None):
                    help="loglik: text opening the answer before the option (default 'The answer is ' / '答案为')")
     p.add_argument("--loglik-target", choices=("option", "letter", "text"), default="option",
                    help="loglik: score 'B. <text>' (default), the letter alone, or the option text alone")
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="token",
+                   help="loglik: rank options by mean log-probability per token (default), by the summed "
+                        "log-likelihood (lm-eval's acc) or by it per character (lm-eval's acc_norm); every "
+                        "option's sum and token and character counts are in items.jsonl either way")
     p.add_argument("--multi-select", choices=("threshold", "top-gold"), default="threshold",
                    help="loglik, multi-answer items: softmax threshold (default) or the |gold| best options")
     p.add_argument("--multi-threshold", type=float, default=None,
@@ -457,7 +505,8 @@ def run_cli(argv=None):
         model, tokenizer, device = load_model(model_dir, adapters, args.dtype, args.device, not args.no_merge)
         settings = EvalSettings(scorer=args.scorer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                 max_length=args.max_length, answer_prefix=args.answer_prefix,
-                                loglik_target=args.loglik_target, multi_select=args.multi_select,
+                                loglik_target=args.loglik_target, normalization=args.normalization,
+                                multi_select=args.multi_select,
                                 multi_threshold=args.multi_threshold,
                                 extra={"limit": args.limit, "sample_seed": args.sample_seed, "kind": args.kind,
                                        "index_base": args.index_base, "dtype": args.dtype,

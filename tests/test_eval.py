@@ -255,9 +255,13 @@ def model_and_tok(run_dir):
 
 
 def independent_loglik(model, tok, context, continuation):
-    """Sum of log p(continuation | context) from one unpadded forward, float64 log-softmax."""
-    ctx = tok(context.rstrip(), add_special_tokens=False)["input_ids"]
-    cont = tok(context[len(context.rstrip()):] + continuation, add_special_tokens=False)["input_ids"]
+    """Sum of log p(continuation | context) from one unpadded forward, float64 log-softmax, with lm-eval's
+    split: trailing context whitespace moves to the continuation, the whole is encoded, and the
+    continuation is what follows the context's own encoding."""
+    stripped = context.rstrip()
+    whole = tok(stripped + context[len(stripped):] + continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tok(stripped, add_special_tokens=False)["input_ids"])
+    ctx, cont = whole[:n_ctx], whole[n_ctx:]
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
@@ -294,6 +298,44 @@ def test_loglik_scorer_matches_per_option_computation(model_and_tok):
     ctx, cont = ev.mcq_requests(tok, items[0], None, "option")[2]
     assert ctx.endswith("<|im_start|>assistant\nThe answer is ") and cont == "C. Essential (primary) hypertension"
     assert ev.mcq_requests(tok, items[2], None, "option")[0][0].endswith("答案为")
+
+
+def test_sum_and_char_normalization_are_lm_evals_acc_and_acc_norm(model_and_tok):
+    # lm-eval: acc = argmax of the summed log-likelihoods; acc_norm = argmax of the sums over len(choice) in
+    # characters. Options of very different lengths make the three rankings disagree.
+    model, tok = model_and_tok
+    it = Item("f", 1, "mcq", "t", [{"role": "user", "content": "Which code is asthma?"}], ["B"],
+              options=[("A", "J45"), ("B", "Asthma, unspecified, uncomplicated, in an adult patient"),
+                       ("C", "I10"), ("D", "Type 2 diabetes mellitus without complications")])
+    it.index = 0
+    sums = {}
+    for (letter, _), (ctx, cont) in zip(it.options, ev.mcq_requests(tok, it, None, "option")):
+        total, n = independent_loglik(model, tok, ctx, cont)
+        sums[letter] = (total, n, len(cont))
+    want = {"sum": max(sums, key=lambda l: sums[l][0]), "char": max(sums, key=lambda l: sums[l][0] / sums[l][2]),
+            "token": max(sums, key=lambda l: sums[l][0] / sums[l][1])}
+    for how in ("token", "sum", "char"):
+        rec = ev.evaluate_items(model, tok, [it], EvalSettings(scorer="loglik", normalization=how))[0]
+        assert rec["pred"] == [want[how]] and rec["normalization"] == how
+        for letter, (total, n, chars) in sums.items():
+            got = rec["option_logliks"][letter]
+            assert got["sum"] == pytest.approx(total, abs=1e-4) and got["tokens"] == n and got["chars"] == chars
+
+
+def test_the_option_separator_follows_lm_eval_except_after_cjk():
+    assert ev.option_separator("Answer:") == " "          # was "" (only letters and digits got a space)
+    assert ev.option_separator("The answer is ") == ""     # the space is already there
+    assert ev.option_separator("答案为") == "" and ev.option_separator("答案：") == ""
+    assert ev.option_separator("(") == " " and ev.option_separator("") == ""
+
+
+def test_the_continuation_is_split_from_the_whole_encoding(model_and_tok):
+    _, tok = model_and_tok
+    for context, continuation in (("The answer is ", "B. I10"), ("Answer:", " A"), ("x" * 3, "yy")):
+        ctx, cont = ev.split_encoding(tok, context, continuation)
+        whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+        assert ctx + cont == whole                         # the canonical tokenisation, whatever the merges
+        assert ctx == tok(context.rstrip(), add_special_tokens=False)["input_ids"][:len(ctx)]
 
 
 def test_generation_stops_at_im_end(model_and_tok):
@@ -389,8 +431,12 @@ def test_two_ranks_match_one(run_dir, tmp_path):
     two = [json.loads(l) for l in (tmp_path / "two" / "items.jsonl").read_text().splitlines()]
     assert len(two) == len(one["records"]) == 8 * 2 - 1
     for a, b in zip(one["records"], two):
-        assert {k: v for k, v in a.items() if k != "option_scores"} == {k: v for k, v in b.items()
-                                                                         if k != "option_scores"}
+        noisy = ("option_scores", "option_logliks")  # batch composition moves the last float32 digits
+        assert {k: v for k, v in a.items() if k not in noisy} == {k: v for k, v in b.items() if k not in noisy}
+        for letter, v in a.get("option_logliks", {}).items():
+            assert math.isclose(v["sum"], b["option_logliks"][letter]["sum"], abs_tol=1e-4)
+            assert (v["tokens"], v["chars"]) == (b["option_logliks"][letter]["tokens"],
+                                                 b["option_logliks"][letter]["chars"])
         for letter, v in a.get("option_scores", {}).items():
             assert math.isclose(v, b["option_scores"][letter], abs_tol=1e-4)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["world_size"] == 2
