@@ -197,6 +197,20 @@ def export_peft_from_model(model, out_dir, base_model_name_or_path=None) -> Path
     return write_peft(adapter_layers(model), out_dir, base_model_name_or_path)
 
 
+def prepare_for_release(model, tokenizer=None):
+    """The config a saved model is loaded and generated with: KV cache on (training turns it off) and
+    generation stopping at <|im_end|> as well as at eos, so generate (plain or through PEFT) ends the turn."""
+    model.config.use_cache = True
+    gen = model.generation_config
+    if tokenizer is not None:
+        stops = [tokenizer.convert_tokens_to_ids(IM_END)] if IM_END in tokenizer.get_vocab() else []
+        stops += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        if stops:
+            gen.eos_token_id = list(dict.fromkeys(stops)) if len(set(stops)) > 1 else stops[0]
+        if tokenizer.pad_token_id is not None:
+            gen.pad_token_id = tokenizer.pad_token_id
+
+
 def save_plain_hf(model, out_dir, tokenizer=None, dtype=None) -> Path:
     """Save a model without adapter layers as a plain HF directory (safetensors, config, generation config,
     tokenizer + chat template), generation stopping at <|im_end|> when the tokenizer has it."""
@@ -209,15 +223,7 @@ def save_plain_hf(model, out_dir, tokenizer=None, dtype=None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     if dtype is not None:
         model = model.to(dtype)
-    model.config.use_cache = True  # training sets it off; a released model generates with a KV cache
-    gen = model.generation_config
-    if tokenizer is not None:
-        stops = [tokenizer.convert_tokens_to_ids(IM_END)] if IM_END in tokenizer.get_vocab() else []
-        stops += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        if stops:
-            gen.eos_token_id = list(dict.fromkeys(stops)) if len(set(stops)) > 1 else stops[0]
-        if tokenizer.pad_token_id is not None:
-            gen.pad_token_id = tokenizer.pad_token_id
+    prepare_for_release(model, tokenizer)
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))

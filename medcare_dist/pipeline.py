@@ -629,7 +629,11 @@ class Pipeline:
             merge_attention_lora(model)
             adapter_io.save_adapters(model, tmp / "knowledge_adapters", extra={"stage": "merged_base"})
             injected_failure("merge", 0, self.rank)  # half-written: the rerun must redo the merge
-            remove_adapters(model).save_pretrained(tmp, safe_serialization=True)
+            from .export import prepare_for_release
+
+            plain = remove_adapters(model)
+            prepare_for_release(plain, self.tokenizer)  # merged_base is also what PEFT exports load as their base
+            plain.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             integrity.publish_dir(tmp, target, inputs={"settings": self._step_settings("merge"),
                                                        "upstream": self._step_upstream("merge")})

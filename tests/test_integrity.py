@@ -334,3 +334,19 @@ def test_a_persistence_threshold_that_partitions_adapters_is_named_before_comput
     assert_refused(proc, "fewer than one global batch")       # stops before compute, after the warning
     assert "zero_optimization.stage3_param_persistence_threshold=100" in proc.stderr
     assert "partitions adapter tensors" in proc.stderr
+
+
+def test_merged_base_generates_until_the_end_of_turn_and_its_files_are_group_readable(killed_runs):
+    merged = killed_runs["stage2"] / "merged_base"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    gen = json.loads((merged / "generation_config.json").read_text())
+    stops = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stops          # PeftModel.generate on it stops at the turn
+    assert json.loads((merged / "config.json").read_text())["use_cache"] is True
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [merged / "model.safetensors", merged / "knowledge_adapters" / "adapters.safetensors",
+                 killed_runs["stage2"] / "stage1" / "adapters" / "adapters.safetensors"]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))

@@ -64,12 +64,24 @@ def digest_files(directory: Path, names) -> dict:
     return {n: {"sha256": file_sha256(directory / n), "bytes": (directory / n).stat().st_size} for n in names}
 
 
+def share_modes(directory: Path):
+    """Files 0666 and directories 0777 less the umask, as `open` would make them: writers that go through
+    mkstemp (transformers' save_pretrained, safetensors) leave 0600, unreadable by the rest of a shared group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [Path(directory), *Path(directory).rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def write_manifest(directory: Path, files: dict | None = None, inputs: dict | None = None) -> dict:
     """Write MANIFEST_NAME under `directory` (digests of `files`, or of every file there) and fsync the tree.
 
     `inputs` records what the artefact was made from (settings, digests of its inputs), so a rerun can
     tell whether it is still the one it would make."""
     directory = Path(directory)
+    share_modes(directory)
     if files is None:
         files = digest_files(directory, listed_files(directory))
     manifest = {"format": FORMAT, "version": 1, "files": files, "inputs": inputs or {}}
