@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
+
 log = logging.getLogger("medcare_dist.benchmarks")
 
 KINDS = ("mcq", "exact", "set", "text")
@@ -46,7 +48,7 @@ INSTRUCTIONS = {
 }
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError, ValueError):
     """A benchmark file or row that cannot be read; the message names file, line and field."""
 
 
