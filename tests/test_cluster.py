@@ -677,7 +677,7 @@ def test_sigterm_to_the_deepspeed_command_stops_every_rank_after_a_checkpoint(ti
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = out / "train.log"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (log.is_file() and "stage1 step 3/2000" in log.read_text()):
+    while time.monotonic() < deadline and not (log.is_file() and "stage1 step 3/" in log.read_text()):
         time.sleep(0.5)
     tree = psutil.Process(proc.pid).children(recursive=True)
     assert len(tree) >= 3, tree                                  # launch.py and two ranks
@@ -703,7 +703,7 @@ def test_ctrl_c_to_a_plain_run_checkpoints_and_exits_75(tiny_assets, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = out / "train.log"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (log.is_file() and "stage1 step 2/2000" in log.read_text()):
+    while time.monotonic() < deadline and not (log.is_file() and "stage1 step 2/" in log.read_text()):
         time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
