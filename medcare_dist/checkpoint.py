@@ -102,10 +102,15 @@ def _write_errno(root: Path) -> int:
     return errno.ENOSPC if os.access(root, os.W_OK) else errno.EACCES
 
 
+def checkpoint_bytes(trainable: int, dtype: str = "bf16", world: int = 1) -> int:
+    """About what one checkpoint takes: fp32 master copy and Adam moments of the trainable parameters, their
+    module copy in `dtype`, and a little per rank."""
+    return trainable * (12 + {"fp32": 4}.get(dtype, 2)) + (1 << 20) * world
+
+
 def _bytes_of(engine) -> int:
-    """About what one checkpoint of `engine` takes: fp32 master copy and Adam moments of the trainable part."""
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
-    return n * 16
+    return checkpoint_bytes(sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
+                                if p.requires_grad), "fp32")
 
 
 def complete_checkpoints(root) -> list[Path]:

@@ -307,16 +307,17 @@ class Pipeline:
             raise PipelineError(problem)
 
     def _disk_space_problem(self, trainable: int) -> str | None:
-        per_param = 12 + {"fp32": 4}.get(self.dtype, 2)  # fp32 master + Adam moments, the module's copy
-        first = trainable * per_param + (1 << 20) * self.world
+        from .checkpoint import checkpoint_bytes
+
+        first = checkpoint_bytes(trainable, self.dtype, self.world)
         model_bytes = sum(p.stat().st_size for p in Path(self.base_path).iterdir()
                           if p.suffix in (".safetensors", ".bin") and p.is_file())
         whole = first * (self.cfg.logging.keep_last + 1) + model_bytes * sum(s in self.steps for s in ("merge", "final"))
         free = shutil.disk_usage(self.out).free
         if free < first:
             return (f"output_dir {self.out}: {free / 1e9:.2f} GB free, and the first checkpoint needs "
-                    f"about {first / 1e9:.2f} GB ({trainable / 1e6:.1f}M trainable parameters x "
-                    f"{per_param} bytes); free space or choose another output_dir")
+                    f"about {first / 1e9:.2f} GB ({trainable / 1e6:.1f}M trainable parameters); free space "
+                    "or choose another output_dir")
         if free < whole:
             log.warning("output_dir %s: %.2f GB free; the whole run may need about %.2f GB (%d checkpoints kept, "
                         "merged_base and final of %.2f GB each)", self.out, free / 1e9, whole / 1e9,
@@ -589,7 +590,7 @@ class Pipeline:
                 tmp = self.out / stage / ".adapters.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(best, tmp)
-                integrity.publish_dir(tmp, self.out / stage / "adapters", files=integrity.read_manifest(best)["files"])
+                integrity.publish_dir(tmp, self.out / stage / "adapters")
                 log.info("%s: keeping the adapters of step %s, the best validation loss (%.4f), as the stage's output",
                          stage, result.best_step, result.best_val_loss)
             barrier()

@@ -50,14 +50,8 @@ PRESETS = {
                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
     "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4, vocab_size=152064, **_QWEN2),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
     "qwen2.5-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, **_QWEN2),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, **_QWEN2),
     "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
                         num_key_value_heads=8, vocab_size=152064, **_QWEN2),
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -75,6 +69,8 @@ PRESETS = {
     "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                           num_key_value_heads=8, vocab_size=128256, **_NO_BIAS),
 }
+# Qwen2.5 keeps Qwen2's shapes at these sizes.
+PRESETS.update({f"qwen2.5-{size}": PRESETS[f"qwen2-{size}"] for size in ("0.5b", "1.5b", "7b")})
 
 # ZeRO knobs the planner reads; values are DeepSpeed's own defaults, the repo's JSON files override them.
 ZERO_DEFAULTS = {

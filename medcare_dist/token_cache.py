@@ -21,14 +21,10 @@ INDEX_NAME = "index.json"  # written last: a cache directory without it is incom
 
 
 def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 23), b""):
-                h.update(block)
+        return integrity.file_sha256(Path(path))
     except OSError:
         return "unreadable"  # reading the rows names the file and the reason
-    return h.hexdigest()
 
 
 def _tokenizer_digest(tokenizer) -> str:

@@ -350,14 +350,7 @@ class StageTrainer:
             for batch in batches:
                 set_noise_aggregator_off(self.model, batch.pop("noise_off"))
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                # Packed batches (medcare_dist.packing) carry position_ids and no attention_mask.
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-                if self.head is not None:
-                    with self.head.loss_for(batch["labels"]):
-                        out = engine(**inputs)   # the lm_head returns the summed loss, not logits
-                    micro_loss = lm_loss_from_output(out)
-                else:
-                    micro_loss = token_loss_sum(engine(**inputs).logits, batch["labels"])
+                micro_loss = self._loss_sum(batch)
                 if injected:
                     micro_loss = poison(micro_loss, injected)
                 # A non-finite loss must leave a non-finite gradient (an infinite loss can have a finite one):
@@ -424,6 +417,15 @@ class StageTrainer:
         res.seconds += time.perf_counter() - t_stage
         return res
 
+    def _loss_sum(self, batch: dict):
+        """Summed token loss of one micro-batch through the engine (the training step's and validation's)."""
+        # Packed batches (medcare_dist.packing) carry position_ids and no attention_mask.
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if self.head is not None:
+            with self.head.loss_for(batch["labels"]):
+                return lm_loss_from_output(self.engine(**inputs))  # the lm_head returns the summed loss
+        return token_loss_sum(self.engine(**inputs).logits, batch["labels"])
+
     # ----- validation -------------------------------------------------------
     def _eval_due(self, step: int) -> bool:
         every = self.cfg.eval_every
@@ -443,12 +445,7 @@ class StageTrainer:
             rows = mine[b * self.micro:(b + 1) * self.micro]
             batch = self.collate([self.eval_dataset[i] for i in (rows or [0])])  # a share may run out: a dummy
             batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            if self.head is not None:
-                with self.head.loss_for(batch["labels"]):
-                    loss = lm_loss_from_output(self.engine(**inputs))
-            else:
-                loss = token_loss_sum(self.engine(**inputs).logits, batch["labels"])
+            loss = self._loss_sum(batch)
             if rows:
                 loss_sum += loss.detach().float()
                 tokens += (batch["labels"][:, 1:] != -100).sum()
@@ -471,7 +468,7 @@ class StageTrainer:
                 adapter_io.save_adapters(self.model, tmp, extra={"stage": self.name, "step": step,
                                                                  "val_loss": val}, is_writer=self.rank == 0)
                 if self.rank == 0:
-                    integrity.publish_dir(tmp, best, files=integrity.read_manifest(tmp)["files"])
+                    integrity.publish_dir(tmp, best)
         else:
             res.evals_since_best += 1
         if self.rank == 0:

@@ -47,6 +47,12 @@ def train_args(assets, out, **extra) -> list[str]:
     return ["--recipe", str(RECIPE), *[f"{k}={v}" for k, v in kv.items()]]
 
 
+def run_train(assets, out, env=None, **overrides):
+    """`python launch/train.py` (one process) on the tiny assets with SMALL and `overrides`."""
+    return subprocess.run([sys.executable, "launch/train.py", *train_args(assets, out, **overrides)],
+                          env=base_env(**(env or {})), cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def losses(out: Path, stage: str) -> list[float]:
     return [v for _, v in json.loads((Path(out) / stage / "result.json").read_text())["result"]["losses"]]
 

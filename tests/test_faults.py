@@ -20,16 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, RECIPE, base_env, check, free_port, losses, start_two_node_launchers, train_args
+from helpers import run_train as run
 
 from medcare_dist.checkpoint import safe_load
 from medcare_dist.config import load_config
 from medcare_dist.trainer import lr_lambda
 from medcare_dist.training.integrity import write_manifest
-
-
-def run(tiny_assets, out, env=None, **overrides):
-    return subprocess.run([sys.executable, "launch/train.py", *train_args(tiny_assets, out, **overrides)],
-                          env=base_env(**(env or {})), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def optimizer_state(out: Path, step: int, rank: int = 0) -> dict:

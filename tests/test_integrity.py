@@ -15,15 +15,11 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, base_env, train_args
+from helpers import run_train as run
 
 from medcare_dist.checkpoint import verified_checkpoint
 from medcare_dist.training import integrity
 from medcare_dist.training.run_lock import LOCK_NAME, RunLock, RunLockedError
-
-
-def run(assets, out, env=None, **overrides):
-    return subprocess.run([sys.executable, "launch/train.py", *train_args(assets, out, **overrides)],
-                          env=base_env(**(env or {})), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def flip_byte(path: Path, offset: int | None = None):

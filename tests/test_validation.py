@@ -2,20 +2,17 @@
 all surviving a resume. Single process on the tiny assets."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, base_env, check, train_args
+from helpers import check, run_train
 
 
 def run(assets, out, env=None, **overrides):
-    return subprocess.run([sys.executable, "launch/train.py", *train_args(assets, out, stage=1, **overrides)],
-                          env=base_env(**(env or {})), cwd=REPO, capture_output=True, text=True, timeout=600)
+    return run_train(assets, out, env, stage=1, **overrides)
 
 
 def record(out: Path) -> dict:
