@@ -686,7 +686,8 @@ def test_sigterm_to_the_deepspeed_command_stops_every_rank_after_a_checkpoint(ti
     gone, alive = psutil.wait_procs(tree, timeout=120)
     assert not alive, alive                                      # nothing keeps running
     text = log.read_text()
-    assert "the launcher" in text and "is gone" in text and "exiting with code 75" in text
+    # Whichever rank's watcher sees the runner gone first stops both (only rank 0 writes train.log).
+    assert "after a preemption signal; exiting with code 75" in text
     ckpts = out / "stage1" / "checkpoints"
     stopped = json.loads((ckpts / (ckpts / "latest").read_text().strip() / "trainer_state.json").read_text())["step"]
     assert 3 <= stopped < 2000
