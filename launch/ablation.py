@@ -5,7 +5,7 @@ Reports, per variant and over seeds (mean and spread), knowledge-task results on
 the stage-1 held-out split (held-out loss; accuracies; the share of the TAIA
 model's description->code accuracy kept), alignment-task results on the stage-2
 held-out split (loss, format rate, code accuracy) and general retention (the
-final model against the base's own answers to general prompts, medcare_dist.retention).
+final model against the base's own answers to general prompts, medcare_dist.eval.retention).
 Usage: python launch/ablation.py --recipe launch/recipes/ablation.yaml
 """
 
@@ -39,9 +39,9 @@ def train(recipe: Path, args: list[str]):
 
 def merged_stage1_model(stage1_dir: Path) -> Path:
     """(a): the stage-1 model after the TAIA merge with its Knowledge Aggregator folded in."""
-    from medcare_dist.adapter_io import load_adapters
-    from medcare_dist.injection import merge_all
-    from medcare_dist.modeling import load_base_model
+    from medcare_dist.method.adapter_io import load_adapters
+    from medcare_dist.method.injection import merge_all
+    from medcare_dist.training.modeling import load_base_model
 
     out = stage1_dir / "stage1_merged"
     if not (out / "config.json").is_file():
@@ -55,11 +55,11 @@ def merged_stage1_model(stage1_dir: Path) -> Path:
 
 
 def knowledge_response(merged_base: Path, adapters: Path, assets) -> float:
-    """medcare_dist.orthogonal.knowledge_input_response of the stage-2 model (adapters unmerged), on the
+    """medcare_dist.method.orthogonal.knowledge_input_response of the stage-2 model (adapters unmerged), on the
     held-out knowledge and alignment splits."""
-    from medcare_dist.data import collate, load_stage_dataset
-    from medcare_dist.eval import load_model
-    from medcare_dist.orthogonal import knowledge_input_response
+    from medcare_dist.data.conversations import collate, load_stage_dataset
+    from medcare_dist.eval.harness import load_model
+    from medcare_dist.method.orthogonal import knowledge_input_response
 
     model, tok, _ = load_model(merged_base, adapters=adapters, dtype="fp32", device="cpu", merge=False)
 
@@ -75,9 +75,9 @@ def knowledge_response(merged_base: Path, adapters: Path, assets) -> float:
 
 def evaluate(model_dir: Path, assets, reference: dict, taia_desc_to_code: float | None,
              response: float = 0.0) -> dict:
-    from medcare_dist.demo_eval import evaluate_demo, heldout_loss
-    from medcare_dist.eval import load_model
-    from medcare_dist.retention import score_retention
+    from medcare_dist.demo.results import evaluate_demo, heldout_loss
+    from medcare_dist.eval.harness import load_model
+    from medcare_dist.eval.retention import score_retention
 
     loaded = load_model(model_dir, dtype="fp32", device="cpu")
     acc = evaluate_demo(model_dir, assets, loaded=loaded)
@@ -158,8 +158,8 @@ def main(argv=None):
     for seed in spec["seeds"]:
         s1 = (out / f"seed{seed}" / "stage1").resolve()
         train(base, [f"output_dir={s1}", "stage=1", f"seed={seed}", *common])
-        from medcare_dist.demo import prepare_demo
-        from medcare_dist.retention import read_reference
+        from medcare_dist.demo.assets import prepare_demo
+        from medcare_dist.eval.retention import read_reference
 
         assets = prepare_demo(s1 / "demo_assets")
         reference = read_reference(s1, s1 / "demo_assets" / "base_model")

@@ -21,10 +21,10 @@ sequence length, micro-batch size and number of optimizer steps:
             names for each (base, orth) pair every micro-step.
   ours      medcare-dist's step, in the same plain single-process loop:
             MixtureOfLoRALinear / OrthogonalLoRALinear as put in by
-            medcare_dist.injection (shrink-gate-expand, penalties inside the
-            layer), packed micro-batches (medcare_dist.packing: rows of up to
+            medcare_dist.method.injection (shrink-gate-expand, penalties inside the
+            layer), packed micro-batches (medcare_dist.training.packing: rows of up to
             max_length with restarting position_ids, no padding between
-            samples), the chunked lm_head loss (medcare_dist.loss: logits only
+            samples), the chunked lm_head loss (medcare_dist.training.loss: logits only
             for labelled positions, chunk by chunk, gradients in the forward),
             reentrant gradient checkpointing of every decoder layer like the
             baseline (--ours-checkpointing none / every:N to trade memory for
@@ -329,9 +329,9 @@ def build_model(s, stage, variant):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from medcare_dist.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers,
+    from medcare_dist.method.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers,
                                         merge_attention_lora, replace_module)
-    from medcare_dist.adapters import MixtureOfLoRALinear, OrthogonalLoRALinear
+    from medcare_dist.method.adapters import MixtureOfLoRALinear, OrthogonalLoRALinear
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[s["dtype"]]
     torch.manual_seed(s["seed"])
@@ -434,9 +434,9 @@ def model_flops(s, stage, samples):
 def run_variant(s, stage, variant, lockstep=False) -> dict:
     import torch
 
-    from medcare_dist.injection import set_penalty_grad_scale
-    from medcare_dist.loss import install_chunked_lm_head, lm_loss_from_output
-    from medcare_dist.packing import collate_packed
+    from medcare_dist.method.injection import set_penalty_grad_scale
+    from medcare_dist.training.loss import install_chunked_lm_head, lm_loss_from_output
+    from medcare_dist.training.packing import collate_packed
 
     meter = Meter(s["device"])
     n_samples = s["global_batch"] * s["steps"]
@@ -454,7 +454,7 @@ def run_variant(s, stage, variant, lockstep=False) -> dict:
         head = install_chunked_lm_head(model, s["chunk_tokens"])
         ck = s["ours_checkpointing"]
         if ck != "none":
-            # Reentrant, as medcare_dist.modeling.enable_gradient_checkpointing (ZeRO-3 safe); the lm_head and
+            # Reentrant, as medcare_dist.training.modeling.enable_gradient_checkpointing (ZeRO-3 safe); the lm_head and
             # its chunked loss stay outside every checkpoint, so their gradients are computed exactly once.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True},
                                                 every_n_layers=1 if ck == "full" else int(ck[6:]))

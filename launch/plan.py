@@ -8,7 +8,7 @@ Check the communication figure against DeepSpeed's comms logger on a real run (a
 
 import sys
 
-from medcare_dist.planner import main
+from medcare_dist.cluster.planner import main
 
 if __name__ == "__main__":
     sys.exit(main())

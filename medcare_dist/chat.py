@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import InputError
+from medcare_dist.errors import InputError
 
 
 class ChatError(InputError):
@@ -50,7 +50,7 @@ class Chat:
 
     def __init__(self, model, tokenizer, device, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0):
-        from .eval import stop_token_ids
+        from medcare_dist.eval.harness import stop_token_ids
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.system = system
@@ -71,7 +71,7 @@ class Chat:
         import torch
         from transformers import TextIteratorStreamer
 
-        from .eval import render_prompt
+        from medcare_dist.eval.harness import render_prompt
 
         prompt = render_prompt(self.tokenizer, messages)
         ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
@@ -191,7 +191,7 @@ def main(argv=None):
         model_dir, adapters = resolve_model(args.run, args.model, args.adapters)
         import torch
 
-        from .eval import load_model
+        from medcare_dist.eval.harness import load_model
 
         torch.manual_seed(args.seed)
         model, tokenizer, device = load_model(model_dir, adapters, args.dtype, args.device)

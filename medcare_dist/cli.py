@@ -19,7 +19,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from .preemption import install, watch_launcher
+    from medcare_dist.training.preemption import install, watch_launcher
 
     install()  # a preemption signal during start-up must not kill a rank (SIGUSR1's default action)
     watch_launcher()  # a `deepspeed` command killed by the user stops the ranks too
@@ -33,10 +33,10 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from .config import load_config
-    from .errors import STORAGE_ERRNOS, InputError, storage_message
-    from .pipeline import Pipeline
-    from .trainer import NonFiniteStepsError
+    from medcare_dist.config import load_config
+    from medcare_dist.errors import STORAGE_ERRNOS, InputError, storage_message
+    from medcare_dist.pipeline import Pipeline
+    from medcare_dist.training.trainer import NonFiniteStepsError
 
     pipeline = None
     try:

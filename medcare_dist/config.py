@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-from .errors import InputError
+from medcare_dist.errors import InputError
 
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "TinyModelConfig", "DataSource", "DataConfig", "AdapterConfig",
@@ -108,7 +108,7 @@ class DataConfig:
     max_length: int = 3072
     on_bad_row: Literal["error", "skip"] = "error"
     demo_seed: int = 0
-    packing: bool = True  # pack each micro-batch's samples into rows of <= max_length (medcare_dist.packing)
+    packing: bool = True  # pack each micro-batch's samples into rows of <= max_length (medcare_dist.training.packing)
     # Stage 2 also trains on this many stage-1 rows per stage-2 row (a seeded subset of data.stage1): replay
     # against forgetting. 0: none.
     stage2_replay: float = 0.0
@@ -137,7 +137,7 @@ class AdapterConfig:
     orthogonality_lambda: float = 1.0
     freeze_knowledge: bool = False
     # With hard orthogonality: also keep the alignment A out of the principal subspace holding this share of
-    # the knowledge data's inputs to each layer (GPM style; medcare_dist.input_subspace). 0: off.
+    # the knowledge data's inputs to each layer (GPM style; medcare_dist.method.input_subspace). 0: off.
     protect_inputs_energy: float = 0.0
 
 
@@ -176,7 +176,7 @@ class LoggingConfig:
 @dataclass
 class EvaluationConfig:
     # Record the base model's answers to general prompts before stage 1 and score every model along the
-    # pipeline against them in the report (medcare_dist.retention).
+    # pipeline against them in the report (medcare_dist.eval.retention).
     general_retention: bool = True
     # The models report.md evaluates side by side (base, stage1 = with the Noise Aggregator, taia, final);
     # each is a CPU evaluation on rank 0 at the end of the run. [] evaluates none.

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterCheckpointError, check_compatible, read_adapter_config
-from .adapters import ADAPTER_TYPES, LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear
-from .errors import InputError
+from medcare_dist.method.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterCheckpointError, check_compatible, read_adapter_config
+from medcare_dist.method.adapters import ADAPTER_TYPES, LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear
+from medcare_dist.errors import InputError
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
 PEFT_PREFIX = "base_model.model."                # PeftModel -> LoraModel -> the HF model
@@ -192,7 +192,7 @@ def export_peft(base_dir, adapters_dir, out_dir) -> Path:
 
 def export_peft_from_model(model, out_dir, base_model_name_or_path=None) -> Path:
     """Like export_peft for an in-memory model carrying adapter layers."""
-    from .injection import adapter_layers
+    from medcare_dist.method.injection import adapter_layers
 
     return write_peft(adapter_layers(model), out_dir, base_model_name_or_path)
 
@@ -214,7 +214,7 @@ def prepare_for_release(model, tokenizer=None):
 def save_plain_hf(model, out_dir, tokenizer=None, dtype=None) -> Path:
     """Save a model without adapter layers as a plain HF directory (safetensors, config, generation config,
     tokenizer + chat template), generation stopping at <|im_end|> when the tokenizer has it."""
-    from .injection import adapter_layers
+    from medcare_dist.method.injection import adapter_layers
 
     if adapter_layers(model):
         raise ExportError(f"{adapter_layers(model)[0][0]}: the model still carries adapter layers; merge_all first")
@@ -236,9 +236,9 @@ def export_hf(base_dir, adapters_dir, out_dir, dtype: str = "auto") -> Path:
     (or `dtype`); the merge itself runs in float32."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .adapter_io import load_adapters
-    from .injection import merge_all
-    from .modeling import TORCH_DTYPES
+    from medcare_dist.method.adapter_io import load_adapters
+    from medcare_dist.method.injection import merge_all
+    from medcare_dist.training.modeling import TORCH_DTYPES
 
     base_dir = Path(base_dir)
     saved = getattr(AutoConfig.from_pretrained(str(base_dir), local_files_only=True), "dtype", None)
@@ -247,7 +247,7 @@ def export_hf(base_dir, adapters_dir, out_dir, dtype: str = "auto") -> Path:
     target = (saved or torch.float32) if dtype == "auto" else TORCH_DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
     load_adapters(model, adapters_dir)
-    from .injection import adapter_layers
+    from medcare_dist.method.injection import adapter_layers
 
     for name, layer in adapter_layers(model, MixtureOfLoRALinear):
         _refuse_mixture(name)

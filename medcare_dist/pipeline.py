@@ -23,20 +23,20 @@ from pathlib import Path
 
 import torch
 
-from . import adapter_io
-from .config import STEPS, build_ds_config, resolve_dtype
-from .distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
-from .errors import InputError
-from .faults import injected_failure
-from .injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
-from .loss import install_chunked_lm_head
-from .modeling import device_type, enable_gradient_checkpointing, load_base_model
-from .packing import collate_packed, supports_packing
-from .orthogonal import orthogonality_residual
-from .trainer import StageTrainer
-from .training import integrity
-from .training.run_lock import RunLock
-from .zero import mark_adapter_leaf_modules
+from medcare_dist.method import adapter_io
+from medcare_dist.config import STEPS, build_ds_config, resolve_dtype
+from medcare_dist.training.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
+from medcare_dist.errors import InputError
+from medcare_dist.training.faults import injected_failure
+from medcare_dist.method.injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
+from medcare_dist.training.loss import install_chunked_lm_head
+from medcare_dist.training.modeling import device_type, enable_gradient_checkpointing, load_base_model
+from medcare_dist.training.packing import collate_packed, supports_packing
+from medcare_dist.method.orthogonal import orthogonality_residual
+from medcare_dist.training.trainer import StageTrainer
+from medcare_dist.training import integrity
+from medcare_dist.training.run_lock import RunLock
+from medcare_dist.training.zero import mark_adapter_leaf_modules
 
 log = logging.getLogger("medcare_dist")
 
@@ -105,7 +105,7 @@ class Pipeline:
             raise
 
     def _start(self, cfg):
-        from .config import check_data_sources
+        from medcare_dist.config import check_data_sources
 
         check_data_sources(cfg)  # before anything is written: a stage without data is a recipe error
         self.cfg = cfg
@@ -180,7 +180,7 @@ class Pipeline:
     # ----- inputs -----------------------------------------------------------
     def _prepare_inputs(self):
         """Base model path, tokenizer and per-stage data sources (building the demo assets once)."""
-        from .config import check_data_sources
+        from medcare_dist.config import check_data_sources
 
         cfg = self.cfg
         for warning in check_data_sources(cfg):
@@ -194,13 +194,13 @@ class Pipeline:
         # The demo data only where the recipe asks for it (config checks: an empty list needs data.demo=true).
         needs_demo = base_path is None or (cfg.data.demo and any(not sources[s] for s in wanted))
         if needs_demo:
-            from .demo import prepare_demo
+            from medcare_dist.demo.assets import prepare_demo
 
             demo_dir = self.out / "demo_assets"
             if self.rank == 0:
                 assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)
                 if base_path is None and not (demo_dir / "base_model" / "config.json").is_file():
-                    from .demo_base import build_demo_base
+                    from medcare_dist.demo.base_model import build_demo_base
 
                     tmp = demo_dir / ".base_model.tmp"
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -247,8 +247,8 @@ class Pipeline:
         """Adapter targets and ranks against the base model's shapes, on a meta-device copy: no weights read."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .config import ConfigError
-        from .injection import check_adapter_fit
+        from medcare_dist.config import ConfigError
+        from medcare_dist.method.injection import check_adapter_fit
 
         trust = self.cfg.model.trust_remote_code
         config = AutoConfig.from_pretrained(str(self.base_path), local_files_only=True, trust_remote_code=trust)
@@ -292,7 +292,7 @@ class Pipeline:
             dataset = self._dataset(stage)[0]
             glob = getattr(cfg, stage).global_batch_size
             if len(dataset) < glob:
-                from .data import DataError
+                from medcare_dist.data.conversations import DataError
 
                 raise DataError(f"data.{stage}: {len(dataset)} training samples are fewer than one global batch "
                                 f"({stage}.global_batch_size={glob}); lower it or add data")
@@ -307,7 +307,7 @@ class Pipeline:
             raise PipelineError(problem)
 
     def _disk_space_problem(self, trainable: int) -> str | None:
-        from .checkpoint import checkpoint_bytes
+        from medcare_dist.training.checkpoint import checkpoint_bytes
 
         first = checkpoint_bytes(trainable, self.dtype, self.world)
         model_bytes = sum(p.stat().st_size for p in Path(self.base_path).iterdir()
@@ -330,8 +330,8 @@ class Pipeline:
         Every rank tokenizes a slice into the cache (or finds it built by an earlier attempt), then
         memory-maps the whole. Bad data raises the same DataError on every rank, before any barrier.
         """
-        from . import token_cache
-        from .data import check_usable
+        from medcare_dist.data import token_cache
+        from medcare_dist.data.conversations import check_usable
 
         args = (sources, self.tokenizer, self.cfg.data.max_length, self.cfg.data.on_bad_row, self.cfg.seed)
         key = token_cache.cache_key(*args)
@@ -356,7 +356,7 @@ class Pipeline:
         return self._data[stage]
 
     def _build_dataset(self, stage: str):
-        from .data import collate
+        from medcare_dist.data.conversations import collate
 
         dataset, stats, key = self._tokenized(self.sources[stage], self.out / stage / "tokenized", f"{stage} data")
         dataset, eval_set, key = self._validation_split(stage, dataset, key)
@@ -384,7 +384,7 @@ class Pipeline:
         v = cfg.data.val_size
         n_val = int(v) if v >= 1 else round(v * len(dataset))
         if not 1 <= n_val < len(dataset):
-            from .data import DataError
+            from medcare_dist.data.conversations import DataError
 
             raise DataError(f"data.val_size={v}: holds out {n_val} of the {len(dataset)} rows of data.{stage}; "
                             "it must leave at least one row on each side")
@@ -428,8 +428,8 @@ class Pipeline:
         them on a plain copy of merged_base + KA, every rank loads them): adapters.protect_inputs_energy."""
         from safetensors.torch import load_file, save_file
 
-        from .data import collate
-        from .input_subspace import knowledge_input_bases
+        from medcare_dist.data.conversations import collate
+        from medcare_dist.method.input_subspace import knowledge_input_bases
 
         a = self.cfg.adapters
         rows, _, key = self._stage1_rows()
@@ -630,7 +630,7 @@ class Pipeline:
             merge_attention_lora(model)
             adapter_io.save_adapters(model, tmp / "knowledge_adapters", extra={"stage": "merged_base"})
             injected_failure("merge", 0, self.rank)  # half-written: the rerun must redo the merge
-            from .export import prepare_for_release
+            from medcare_dist.export import prepare_for_release
 
             plain = remove_adapters(model)
             prepare_for_release(plain, self.tokenizer)  # merged_base is also what PEFT exports load as their base
@@ -692,7 +692,7 @@ class Pipeline:
         target = self.out / "final"
         merged = self._stage1_dir() / "merged_base"
         if self.rank == 0:
-            from .export import save_plain_hf
+            from medcare_dist.export import save_plain_hf
 
             integrity.verify_dir(merged, "merged_base")
             tmp = self.out / ".final.tmp"
@@ -708,7 +708,7 @@ class Pipeline:
         """Rank 0 records (once) the base model's answers to the general prompts, before any training."""
         if not self.cfg.evaluation.general_retention:
             return None
-        from .retention import RetentionError, ensure_reference
+        from medcare_dist.eval.retention import RetentionError, ensure_reference
 
         outcome = None
         if self.rank == 0:
@@ -749,7 +749,7 @@ class Pipeline:
             barrier()
         report = None
         if self.rank == 0:
-            from .report import write_report
+            from medcare_dist.report import write_report
 
             report = write_report(self.cfg, self.out, self._stage1_dir(), time.perf_counter() - t0,
                                   self.demo_assets, self.base_path, reference)

@@ -97,15 +97,15 @@ def pipeline_models(out: Path, stage1_dir: Path, base_path: Path | None, wanted=
 def evaluate_pipeline(models: list, demo_assets=None, reference: dict | None = None) -> dict:
     """{key: {label, model, adapters, demo: {task: ...}, general: {...}}}, each model loaded once (rank 0's GPU
     when there is one, in the checkpoint's dtype; else the CPU in float32)."""
-    from . import eval as bench
-    from .retention import score_retention
+    from medcare_dist.eval import harness as bench
+    from medcare_dist.eval.retention import score_retention
 
     results = {}
     for key, label, model_dir, adapters in models:
         loaded = bench.load_model(model_dir, adapters=adapters)
         rec = {"label": label, "model": str(model_dir), "adapters": str(adapters) if adapters else None}
         if demo_assets is not None:
-            from .demo_eval import evaluate_demo
+            from medcare_dist.demo.results import evaluate_demo
 
             rec["demo"] = evaluate_demo(model_dir, demo_assets, loaded=loaded)
         if reference is not None:

@@ -12,8 +12,8 @@ def tiny_assets(tmp_path_factory):
     import torch
 
     from medcare_dist.config import TinyModelConfig
-    from medcare_dist.demo import prepare_demo
-    from medcare_dist.demo_base import build_demo_base
+    from medcare_dist.demo.assets import prepare_demo
+    from medcare_dist.demo.base_model import build_demo_base
 
     root = tmp_path_factory.mktemp("tiny_assets")
     demo = prepare_demo(root / "demo")

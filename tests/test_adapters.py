@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from medcare_dist.adapter_io import AdapterCheckpointError, load_adapters, save_adapters
-from medcare_dist.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, add_low_rank
-from medcare_dist.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers, merge_all,
+from medcare_dist.method.adapter_io import AdapterCheckpointError, load_adapters, save_adapters
+from medcare_dist.method.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, add_low_rank
+from medcare_dist.method.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers, merge_all,
                                     merge_attention_lora, pop_expert_counts, set_noise_aggregator_off)
-from medcare_dist.orthogonal import orthogonality_residual
+from medcare_dist.method.orthogonal import orthogonality_residual
 
 
 def reference_mixture(x, layer):
@@ -366,7 +366,7 @@ def test_noise_aggregator_off_trains_the_model_taia_keeps():
 
 def test_noise_off_choice_is_a_pure_function_of_seed_step_and_micro_batch():
     """Any rank count and any resume make the same choice for a micro-batch, at about the asked rate."""
-    from medcare_dist.trainer import StageTrainer
+    from medcare_dist.training.trainer import StageTrainer
 
     def choices(p, seed=7):
         t = StageTrainer.__new__(StageTrainer)
@@ -381,7 +381,7 @@ def test_noise_off_choice_is_a_pure_function_of_seed_step_and_micro_batch():
 
 def test_knowledge_input_response_by_construction():
     """0 when the alignment A annihilates the knowledge inputs' span, 1 when both splits are the same inputs."""
-    from medcare_dist.orthogonal import knowledge_input_response
+    from medcare_dist.method.orthogonal import knowledge_input_response
 
     torch.manual_seed(0)
     d_in = 12
@@ -408,7 +408,7 @@ def test_knowledge_input_response_by_construction():
 
 
 def test_principal_basis_by_hand():
-    from medcare_dist.input_subspace import principal_basis
+    from medcare_dist.method.input_subspace import principal_basis
 
     rot = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
     moment = rot @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)) @ rot.t()
@@ -421,7 +421,7 @@ def test_principal_basis_by_hand():
 
 def test_input_moments_skip_padding():
     """The padded batch gives the moments of its real tokens: the same as each sequence run alone."""
-    from medcare_dist.input_subspace import input_second_moments
+    from medcare_dist.method.input_subspace import input_second_moments
 
     model = tiny_qwen2(seed=5)
     add_stage1_adapters(model, adapter_cfg())
@@ -440,7 +440,7 @@ def test_input_moments_skip_padding():
 def test_protected_inputs_keep_the_alignment_adapter_off_knowledge_inputs(tmp_path):
     """With a protected basis U the effective A_a stays orthogonal to rows(A_k) and span(U) through AdamW, so it
     does not respond to inputs in span(U); the basis is saved and reloaded with the adapters."""
-    from medcare_dist.orthogonal import knowledge_input_response
+    from medcare_dist.method.orthogonal import knowledge_input_response
 
     torch.manual_seed(1)
     d_in, d_out = 16, 6

@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
     <|im_end|> after a few tokens (and would go on after it)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from medcare_dist.demo import prepare_demo
+    from medcare_dist.demo.assets import prepare_demo
 
     root = tmp_path_factory.mktemp("chat")
     assets = prepare_demo(root / "demo_assets")

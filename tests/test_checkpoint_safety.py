@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcare_dist import checkpoint as ckpt
+from medcare_dist.training import checkpoint as ckpt
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
@@ -38,7 +38,7 @@ def world():
         return
     import deepspeed.comm
 
-    from medcare_dist.distributed import init_distributed
+    from medcare_dist.training.distributed import init_distributed
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -70,7 +70,7 @@ def train_step(engine, step: int):
 
 
 def full_params(engine) -> list[torch.Tensor]:
-    from medcare_dist.zero import gathered
+    from medcare_dist.training.zero import gathered
 
     params = list(engine.module.parameters())
     with gathered(params):

@@ -218,7 +218,7 @@ def test_submit_two_stage_chains_jobs_with_afterok(fake_slurm):
 
 
 def test_preemption_signal_sets_flag_and_agrees_across_ranks(tmp_path):
-    from medcare_dist import preemption
+    from medcare_dist.training import preemption
 
     assert [s.name for s in preemption.parse_signals("USR1, term")] == ["SIGUSR1", "SIGTERM"]
     assert preemption.parse_signals("none") == [] and preemption.parse_signals("") == []
@@ -250,7 +250,7 @@ def test_preemption_signal_sets_flag_and_agrees_across_ranks(tmp_path):
     script.write_text(textwrap.dedent("""
         import os, signal, sys, time
         import torch.distributed as dist
-        from medcare_dist import preemption
+        from medcare_dist.training import preemption
         rank = int(sys.argv[1])
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
         preemption.install()
@@ -278,7 +278,7 @@ def test_a_signal_during_start_up_is_deferred_and_spares_the_children(tmp_path):
     script = tmp_path / "deferred.py"
     script.write_text(textwrap.dedent("""
         import os, signal, subprocess, sys, time
-        from medcare_dist import preemption
+        from medcare_dist.training import preemption
         preemption.install(["USR1", "TERM"])
         with preemption.deferred():
             child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])  # stands in for ninja
@@ -297,7 +297,7 @@ def test_a_signal_during_start_up_is_deferred_and_spares_the_children(tmp_path):
 
 
 def test_preemption_signals_from_environment(monkeypatch):
-    from medcare_dist import preemption
+    from medcare_dist.training import preemption
 
     monkeypatch.setenv("MEDCARE_PREEMPT_SIGNALS", "none")
     try:
@@ -395,7 +395,7 @@ def test_planner_replays_zero3_fetches_as_deepspeed_does():
     """The coordinator replay against figures measured with DeepSpeed 0.19.8's comms logger (2 ranks, the
     tiny model above, persistence threshold 1000): elements all-gathered per micro-step."""
     from medcare_dist.config import load_config
-    from medcare_dist.planner import (ZERO_DEFAULTS, ModelShape, build_model, mark_persistent,
+    from medcare_dist.cluster.planner import (ZERO_DEFAULTS, ModelShape, build_model, mark_persistent,
                                       simulate_zero3_fetches, training_trace, unique_params)
 
     shape = ModelShape("tiny", 64, 128, 2, 4, 2, 1536)
@@ -541,8 +541,8 @@ STUB_RANK = r'''
 """A training-loop stand-in: real process group, real preemption hook, fake steps."""
 import json, os, sys, time
 from pathlib import Path
-from medcare_dist import preemption
-from medcare_dist.distributed import barrier, init_distributed
+from medcare_dist.training import preemption
+from medcare_dist.training.distributed import barrier, init_distributed
 out = Path(os.environ["STUB_OUT"])
 rank, world = init_distributed()
 preemption.install()

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcare_dist.data import (
+from medcare_dist.data.conversations import (
     IGNORE_INDEX, DataError, collate, load_stage_dataset, read_conversations, render_segments,
     tokenize_conversation,
 )
-from medcare_dist.demo import build_demo_tokenizer
+from medcare_dist.demo.assets import build_demo_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -321,10 +321,10 @@ def test_check_cli_exit_codes(mixed_file, tmp_path):
     assert wrong.returncode == 1 and "missing_field" in wrong.stdout
 
 
-# ----- the tokenized cache (medcare_dist.token_cache) -----------------------------------------------------
+# ----- the tokenized cache (medcare_dist.data.token_cache) -----------------------------------------------------
 
 def test_token_cache_equals_direct_tokenization_and_is_reused(tok, tmp_path, monkeypatch):
-    from medcare_dist import token_cache
+    from medcare_dist.data import token_cache
 
     rows = [messages_row()] + [
         {"messages": [{"role": "user", "content": f"Code of item {i}?"},
@@ -367,7 +367,7 @@ def test_token_cache_equals_direct_tokenization_and_is_reused(tok, tmp_path, mon
 
 
 def test_token_cache_builds_nothing_from_bad_data(tok, tmp_path):
-    from medcare_dist import token_cache
+    from medcare_dist.data import token_cache
 
     data = write_jsonl(tmp_path / "d.jsonl", [messages_row(), b"{not json"])
     args = ([str(data)], tok, 64, "error", 0)

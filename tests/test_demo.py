@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from medcare_dist import demo
-from medcare_dist.data import IGNORE_INDEX, collate, load_stage_dataset, tokenize_conversation
+from medcare_dist.demo import assets as demo
+from medcare_dist.data.conversations import IGNORE_INDEX, collate, load_stage_dataset, tokenize_conversation
 
 
 def read_rows(path):

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from medcare_dist import benchmarks as bm
-from medcare_dist import eval as ev
-from medcare_dist import scoring as sc
-from medcare_dist.benchmarks import BenchmarkError, Item
-from medcare_dist.eval import EvalSettings
+from medcare_dist.eval import benchmarks as bm
+from medcare_dist.eval import harness as ev
+from medcare_dist.eval import scoring as sc
+from medcare_dist.eval.benchmarks import BenchmarkError, Item
+from medcare_dist.eval.harness import EvalSettings
 
 
 # ----- answer extraction and scoring ------------------------------------------------------------------------
@@ -223,9 +223,9 @@ def run_dir(tmp_path_factory):
     """A demo-shaped run: demo_assets (data + tokenizer), merged_base/ and stage2/adapters/ of a tiny model."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from medcare_dist.adapter_io import save_adapters
-    from medcare_dist.demo import prepare_demo
-    from medcare_dist.injection import (add_stage1_adapters, add_stage2_adapters, merge_attention_lora,
+    from medcare_dist.method.adapter_io import save_adapters
+    from medcare_dist.demo.assets import prepare_demo
+    from medcare_dist.method.injection import (add_stage1_adapters, add_stage2_adapters, merge_attention_lora,
                                         remove_adapters)
     from test_adapters import adapter_cfg, randomise_B
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from medcare_dist.adapter_io import save_adapters
-from medcare_dist.adapters import OrthogonalLoRALinear
+from medcare_dist.method.adapter_io import save_adapters
+from medcare_dist.method.adapters import OrthogonalLoRALinear
 from medcare_dist.export import ExportError, export_hf, export_peft, export_peft_from_model, main
-from medcare_dist.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers, merge_attention_lora,
+from medcare_dist.method.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers, merge_attention_lora,
                                     remove_adapters, replace_module)
 from test_adapters import adapter_cfg, randomise_B, tiny_qwen2
 
@@ -20,7 +20,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from medcare_dist.demo import CHATML_TEMPLATE
+    from medcare_dist.demo.assets import CHATML_TEMPLATE
 
     words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]", "user", "assistant", "the", "answer", "is"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

@@ -1,4 +1,4 @@
-"""Numerical faults and dead ranks, on real runs broken by the injection switches of medcare_dist.faults.
+"""Numerical faults and dead ranks, on real runs broken by the injection switches of medcare_dist.training.faults.
 
 Fast (one process, a few seconds each): steps with a NaN gradient are discarded, leaving optimizer
 and scheduler exactly as before them; too many in a row save a checkpoint and stop, and the rerun
@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from helpers import REPO, RECIPE, base_env, check, free_port, losses, start_two_node_launchers, train_args
 from helpers import run_train as run
 
-from medcare_dist.checkpoint import safe_load
+from medcare_dist.training.checkpoint import safe_load
 from medcare_dist.config import load_config
-from medcare_dist.trainer import lr_lambda
+from medcare_dist.training.trainer import lr_lambda
 from medcare_dist.training.integrity import write_manifest
 
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO, base_env, train_args
 from helpers import run_train as run
 
-from medcare_dist.checkpoint import verified_checkpoint
+from medcare_dist.training.checkpoint import verified_checkpoint
 from medcare_dist.training import integrity
 from medcare_dist.training.run_lock import LOCK_NAME, RunLock, RunLockedError
 
@@ -304,7 +304,7 @@ def test_a_full_disk_while_checkpointing_names_the_path_and_the_bytes(tmp_path):
     # torch.save reports a failed write as "enforce fail at inline_container.cc", naming no path.
     import torch
 
-    from medcare_dist import checkpoint as ckpt
+    from medcare_dist.training import checkpoint as ckpt
     from medcare_dist.errors import StorageError
 
     class Engine:

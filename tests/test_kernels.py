@@ -190,7 +190,7 @@ def test_torch_path_adapter_x_and_delta_only(torch_backend):
 @needs_triton
 def test_mixture_layer_same_on_both_paths(monkeypatch):
     """MixtureOfLoRALinear forward and gradients agree between the PyTorch path and the kernels."""
-    from medcare_dist.adapters import MixtureOfLoRALinear
+    from medcare_dist.method.adapters import MixtureOfLoRALinear
     from kernels import mixture_lora_triton
     monkeypatch.setattr(mixture_lora_triton, "POISON", True)
     torch.manual_seed(3)
@@ -301,7 +301,7 @@ def test_projection_with_cached_basis(backend):
 
 @needs_triton
 def test_orthogonal_layer_on_the_kernel_path(triton_backend):
-    from medcare_dist.adapters import OrthogonalLoRALinear
+    from medcare_dist.method.adapters import OrthogonalLoRALinear
     torch.manual_seed(4)
     A_k = torch.randn(4, 24)
     layer = OrthogonalLoRALinear(nn.Linear(24, 16), A_k, torch.randn(16, 4), rank=3, alpha=6.0)

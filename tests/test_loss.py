@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcare_dist.loss import (ChunkedLMHead, auto_chunk_tokens, chunked_causal_lm_loss, install_chunked_lm_head,
+from medcare_dist.training.loss import (ChunkedLMHead, auto_chunk_tokens, chunked_causal_lm_loss, install_chunked_lm_head,
                                lm_loss_from_output, next_token_targets)
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcare_dist.loss import install_chunked_lm_head, lm_loss_from_output
-from medcare_dist.packing import (collate_packed, length_grouped_chunks, pack_batch, padding_stats,
+from medcare_dist.training.loss import install_chunked_lm_head, lm_loss_from_output
+from medcare_dist.training.packing import (collate_packed, length_grouped_chunks, pack_batch, padding_stats,
                                   per_sample_sums, plan_packs, plan_rows, supports_packing)
 
 VOCAB = 97

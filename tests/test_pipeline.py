@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medcare_dist import checkpoint as ckpt
+from medcare_dist.training import checkpoint as ckpt
 from medcare_dist.training.integrity import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def tiny_base(tmp_path_factory):
     """A tiny demo-tokenizer Qwen2 directory (random weights) and a stage-1 output built on a different one."""
     from transformers import Qwen2ForCausalLM
 
-    from medcare_dist.demo import demo_model_config, prepare_demo
+    from medcare_dist.demo.assets import demo_model_config, prepare_demo
 
     root = tmp_path_factory.mktemp("bases")
     tok = prepare_demo(root / "demo").tokenizer()

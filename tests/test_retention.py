@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from medcare_dist import report, retention
-from medcare_dist.eval import load_model, render_prompt
+from medcare_dist import report
+from medcare_dist.eval import retention
+from medcare_dist.eval.harness import load_model, render_prompt
 
 
 @pytest.fixture(scope="module")

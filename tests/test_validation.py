@@ -22,8 +22,8 @@ def record(out: Path) -> dict:
 def test_the_validation_loss_is_the_mean_token_loss_of_the_trained_adapters(tiny_assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medcare_dist.adapter_io import load_adapters
-    from medcare_dist.data import load_stage_dataset
+    from medcare_dist.method.adapter_io import load_adapters
+    from medcare_dist.data.conversations import load_stage_dataset
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(Path(tiny_assets["stage2"]).read_text().splitlines(keepends=True)[:23]))

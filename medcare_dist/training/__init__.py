@@ -1,1 +1,1 @@
-"""What keeps a run's files trustworthy: digests of published artefacts, the output_dir lock."""
+"""One training stage and what keeps it going: the trainer, loss, packing, ZeRO-3, checkpoints, signals, faults."""

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import InputError
+from medcare_dist.errors import InputError
 
 MANIFEST_NAME = "MANIFEST.sha256.json"
 FORMAT = "medcare-dist-manifest"
@@ -144,7 +144,7 @@ def verify_dir(directory: Path, what: str = "", share: tuple[int, int] = (0, 1))
 def verify_dir_on_all_ranks(directory: Path, what: str, rank: int, world: int) -> dict:
     """verify_dir with the files split between the ranks; every rank raises the same error (no rank is
     left waiting in a later collective for one that stopped)."""
-    from ..distributed import all_gather_object
+    from medcare_dist.training.distributed import all_gather_object
 
     try:
         manifest, problem = verify_dir(directory, what, share=(rank, world)), None

@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from medcare_dist.errors import InputError
 
 LOCK_NAME = ".medcare.lock"
 

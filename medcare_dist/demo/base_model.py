@@ -7,7 +7,7 @@ medical text it has read, and a few general chat skills. It is pretrained, all
 parameters, as a plain language model on
 - the tabular list's descriptions (no codes beside them),
 - the codes alone, in shuffled lists (no descriptions beside them),
-- short general conversations in the chat template (medcare_dist.retention's
+- short general conversations in the chat template (medcare_dist.eval.retention's
   general prompts with fixed answers, and a few that use the answer formats
   the stages ask for: "The answer is B.", JSON replies),
 so it knows the words and the symbols but not which code means what: mapping
@@ -24,8 +24,8 @@ import torch
 
 import random
 
-from .demo import DEFAULT_CATEGORIES, _icd, demo_model_config, select_codes
-from .retention import GENERAL_PROMPTS
+from medcare_dist.demo.assets import DEFAULT_CATEGORIES, _icd, demo_model_config, select_codes
+from medcare_dist.eval.retention import GENERAL_PROMPTS
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from . import preemption
-from .faults import injected_failure, injected_nonfinite, poison
-from .adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
-from .distributed import all_reduce_sum
-from .injection import last_penalty_total, pop_expert_counts, set_noise_aggregator_off, set_penalty_grad_scale
-from .loss import ChunkedLMHead, lm_loss_from_output
-from .orthogonal import orthogonality_residual
+from medcare_dist.training import checkpoint as ckpt
+from medcare_dist.training import preemption
+from medcare_dist.training.faults import injected_failure, injected_nonfinite, poison
+from medcare_dist.method.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
+from medcare_dist.training.distributed import all_reduce_sum
+from medcare_dist.method.injection import last_penalty_total, pop_expert_counts, set_noise_aggregator_off, set_penalty_grad_scale
+from medcare_dist.training.loss import ChunkedLMHead, lm_loss_from_output
+from medcare_dist.method.orthogonal import orthogonality_residual
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class StageTrainer:
 
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            from .data import DataError
+            from medcare_dist.data.conversations import DataError
 
             raise DataError(f"data.{name}: {len(dataset)} training samples are fewer than one global batch "
                             f"({name}.global_batch_size={self.global_batch}); lower it or add data")
@@ -229,7 +229,7 @@ class StageTrainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.model = model
         self.device = self.engine.device
-        # The pipeline installs a ChunkedLMHead (medcare_dist.loss); without one the logits path is used.
+        # The pipeline installs a ChunkedLMHead (medcare_dist.training.loss); without one the logits path is used.
         head = model.get_output_embeddings()
         self.head = head if isinstance(head, ChunkedLMHead) else None
         self.flops = ModelFlops(model)
@@ -419,7 +419,7 @@ class StageTrainer:
 
     def _loss_sum(self, batch: dict):
         """Summed token loss of one micro-batch through the engine (the training step's and validation's)."""
-        # Packed batches (medcare_dist.packing) carry position_ids and no attention_mask.
+        # Packed batches (medcare_dist.training.packing) carry position_ids and no attention_mask.
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         if self.head is not None:
             with self.head.loss_for(batch["labels"]):
@@ -455,8 +455,8 @@ class StageTrainer:
 
     def _validate(self, step: int, bar) -> bool:
         """Evaluate, keep the best (save_best), log; True when early stopping ends the stage here."""
-        from . import adapter_io
-        from .training import integrity
+        from medcare_dist.method import adapter_io
+        from medcare_dist.training import integrity
 
         res = self.result
         val = self._validation_loss()

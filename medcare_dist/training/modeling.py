@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .errors import InputError
+from medcare_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import InputError
+from medcare_dist.errors import InputError
 
 REFERENCE_NAME = "general_reference.json"
 CLOSE_ROUGE_L = 0.5
@@ -75,7 +75,7 @@ def _messages(prompt: str) -> list:
 
 def record_reference(model, tokenizer, base_dir: Path, out: Path, device="cpu", batch_size: int = 8) -> dict:
     """The base model's greedy answers to GENERAL_PROMPTS, written to out/general_reference.json (atomically)."""
-    from .eval import generate, render_prompt
+    from medcare_dist.eval.harness import generate, render_prompt
 
     prompts = [render_prompt(tokenizer, _messages(p)) for p in GENERAL_PROMPTS]
     answers = generate(model, tokenizer, prompts, MAX_NEW_TOKENS, batch_size=batch_size, device=device)
@@ -111,7 +111,7 @@ def ensure_reference(base_dir: Path, out: Path, dtype: str = "auto") -> dict:
     ref = read_reference(out, base_dir)
     if ref is not None:
         return ref
-    from .eval import load_model
+    from medcare_dist.eval.harness import load_model
 
     model, tokenizer, device = load_model(base_dir, dtype=dtype)
     return record_reference(model, tokenizer, base_dir, out, device)
@@ -142,8 +142,8 @@ def answer_logliks(model, tokenizer, prompts, answers, device="cpu") -> tuple[fl
 
 def score_retention(model, tokenizer, ref: dict, device="cpu", batch_size: int = 8) -> dict:
     """{mean_token_loglik, close_fraction, n} of a model against the base's reference answers."""
-    from .eval import generate, render_prompt
-    from .scoring import rouge_l
+    from medcare_dist.eval.harness import generate, render_prompt
+    from medcare_dist.eval.scoring import rouge_l
 
     prompts = [render_prompt(tokenizer, _messages(p)) for p in ref["prompts"]]
     total, tokens = answer_logliks(model, tokenizer, prompts, ref["answers"], device)

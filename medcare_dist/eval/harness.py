@@ -1,9 +1,9 @@
 """Benchmark evaluation of a causal LM (model side, ranks, CLI): `python -m medcare_dist.eval`.
 
-Takes the `Item`s of medcare_dist.benchmarks, renders their prompts with the
+Takes the `Item`s of medcare_dist.eval.benchmarks, renders their prompts with the
 tokenizer's chat template, and scores multiple-choice items by option
 log-likelihood and/or by generate-then-extract, everything else by generation
-(answers read and scored by medcare_dist.scoring). Items are sharded over
+(answers read and scored by medcare_dist.eval.scoring). Items are sharded over
 ranks when launched with several (torchrun, deepspeed, mpirun) and gathered
 on rank 0, which writes `results.json`, `results.md` and `items.jsonl`.
 See docs/evaluation.md for the exact rules.
@@ -21,10 +21,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .benchmarks import KINDS, BenchmarkError, Item, load_all
-from .scoring import IM_END, aggregate, clean_generation, markdown_table, score_generation, select_options
+from medcare_dist.eval.benchmarks import KINDS, BenchmarkError, Item, load_all
+from medcare_dist.eval.scoring import IM_END, aggregate, clean_generation, markdown_table, score_generation, select_options
 
-log = logging.getLogger("medcare_dist.eval")
+log = logging.getLogger("medcare_dist.eval.harness")
 
 SCORERS = ("loglik", "generate", "both")
 
@@ -300,7 +300,7 @@ def setup_distributed():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if _world_from_env() > 1:
-        from .distributed import init_distributed
+        from medcare_dist.training.distributed import init_distributed
 
         return init_distributed()
     return 0, 1
@@ -328,7 +328,7 @@ def load_model(model_dir, adapters=None, dtype: str = "auto", device: str = "aut
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .modeling import TORCH_DTYPES
+    from medcare_dist.training.modeling import TORCH_DTYPES
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -344,9 +344,9 @@ def load_model(model_dir, adapters=None, dtype: str = "auto", device: str = "aut
         torch_dtype = TORCH_DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, local_files_only=True)
     if adapters is not None:
-        from .adapter_io import load_adapters
-        from .adapters import MixtureOfLoRALinear
-        from .injection import adapter_layers, merge_all
+        from medcare_dist.method.adapter_io import load_adapters
+        from medcare_dist.method.adapters import MixtureOfLoRALinear
+        from medcare_dist.method.injection import adapter_layers, merge_all
 
         load_adapters(model, adapters)
         if merge and not adapter_layers(model, MixtureOfLoRALinear):
@@ -474,7 +474,7 @@ def parse_args(argv=None):
 
 def run_cli(argv=None):
     """The command line's work; returns the results dict on rank 0 (None on other ranks)."""
-    from .adapter_io import AdapterCheckpointError
+    from medcare_dist.method.adapter_io import AdapterCheckpointError
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -526,7 +526,3 @@ def run_cli(argv=None):
 def main(argv=None) -> int:
     run_cli(argv)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

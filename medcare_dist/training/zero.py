@@ -33,7 +33,7 @@ def mark_adapter_leaf_modules(model, ds_config: dict):
         return
     from deepspeed.utils import set_z3_leaf_modules
 
-    from .adapters import ADAPTER_TYPES
+    from medcare_dist.method.adapters import ADAPTER_TYPES
 
     present = [cls for cls in ADAPTER_TYPES.values() if any(isinstance(m, cls) for m in model.modules())]
     if present:

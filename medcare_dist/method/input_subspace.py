@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import LoRALinear
-from .injection import adapter_layers
+from medcare_dist.method.adapters import LoRALinear
+from medcare_dist.method.injection import adapter_layers
 
 
 @torch.no_grad()

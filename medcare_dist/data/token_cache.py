@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .data import DataStats, _check_source, read_stage_conversations, tokenize_conversations
-from .training import integrity
+from medcare_dist.data.conversations import DataStats, _check_source, read_stage_conversations, tokenize_conversations
+from medcare_dist.training import integrity
 
 CACHE_VERSION = 2  # bump when tokenization or the cached layout changes
 INDEX_NAME = "index.json"  # written last: a cache directory without it is incomplete

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from medcare_dist.errors import InputError
 
 
 def init_distributed(timeout_s: int = 1800):
@@ -26,7 +26,7 @@ def init_distributed(timeout_s: int = 1800):
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        from .preemption import deferred
+        from medcare_dist.training.preemption import deferred
 
         port = int(os.environ.get("MASTER_PORT", 29500))
         try:

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .distributed import all_gather_object, barrier
-from .errors import InputError, StorageError, storage_message
-from .faults import injected_failure
-from .training import integrity
+from medcare_dist.training.distributed import all_gather_object, barrier
+from medcare_dist.errors import InputError, StorageError, storage_message
+from medcare_dist.training.faults import injected_failure
+from medcare_dist.training import integrity
 
 LATEST = "latest"
 # Seconds of the last save / verification on this rank, split into DeepSpeed's write and our digests + fsync:
@@ -225,7 +225,7 @@ def safe_load(path, map_location="cpu"):
                 f"{path}: refusing to unpickle {_refused(str(e))} (checkpoints are loaded with weights_only=True, "
                 f"which allows only tensors, plain containers and {allowed}); no code of the file's choosing "
                 "was run. Either it was not written by this trainer or has been altered, or another DeepSpeed "
-                "version pickles a type not yet in medcare_dist.checkpoint.SAFE_GLOBALS (add it there only if "
+                "version pickles a type not yet in medcare_dist.training.checkpoint.SAFE_GLOBALS (add it there only if "
                 "you trust the file)") from None
         except (OSError, RuntimeError, EOFError) as e:
             # torch's messages for truncated or foreign files do not say which file.

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .adapters import ADAPTER_TYPES
-from .errors import InputError
-from .training import integrity
-from .injection import replace_module, adapter_layers
-from .zero import gathered
+from medcare_dist.method.adapters import ADAPTER_TYPES
+from medcare_dist.errors import InputError
+from medcare_dist.training import integrity
+from medcare_dist.method.injection import replace_module, adapter_layers
+from medcare_dist.training.zero import gathered
 
 FORMAT = "medcare-dist-adapters"
 VERSION = 1

@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .benchmarks import Item, norm_set_item, norm_text
+from medcare_dist.eval.benchmarks import Item, norm_set_item, norm_text
 
 IM_END = "<|im_end|>"
 
@@ -54,13 +54,13 @@ def extract_choice(text: str, letters) -> list | None:
 
 
 def _icd_code(text):
-    from .demo import parse_code_answer
+    from medcare_dist.demo.assets import parse_code_answer
 
     return parse_code_answer(text)
 
 
 def _stage2_code(text):
-    from .demo import parse_stage2_answer
+    from medcare_dist.demo.assets import parse_stage2_answer
 
     parsed = parse_stage2_answer(text)
     return parsed["code"] if parsed else None

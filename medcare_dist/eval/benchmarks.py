@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from medcare_dist.errors import InputError
 
-log = logging.getLogger("medcare_dist.benchmarks")
+log = logging.getLogger("medcare_dist.eval.benchmarks")
 
 KINDS = ("mcq", "exact", "set", "text")
 

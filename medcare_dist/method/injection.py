@@ -11,7 +11,7 @@ nn.Linear works (Qwen2/Qwen1.5, Llama-style).
 import torch
 import torch.nn as nn
 
-from .adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
+from medcare_dist.method.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
 
 
 def adapter_layers(model: nn.Module, kind=_AdapterBase):
@@ -128,7 +128,7 @@ def add_stage2_adapters(model: nn.Module, cfg, protected: dict | None = None) ->
     B_k is rescaled by (stage-1 scaling / stage-2 scaling) so the knowledge
     path's contribution, and hence the model's output, is unchanged at the
     start of stage 2 (the alignment B starts at zero). `protected`: {layer
-    name: [in, k] basis of knowledge-input directions} (medcare_dist.input_subspace)
+    name: [in, k] basis of knowledge-input directions} (medcare_dist.method.input_subspace)
     the alignment A is also kept out of.
     """
     for p in model.parameters():

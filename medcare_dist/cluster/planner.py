@@ -172,7 +172,7 @@ def _adapter_value(adapters, name, default):
 def build_model(shape: ModelShape, adapters=None, stage: int = 1) -> tuple[Module, dict]:
     """The module tree of the model DeepSpeed sees in `stage` (1: attention LoRA + mixture-of-LoRA MLPs;
     2: merged attention, Knowledge Aggregator + alignment LoRA on the MLPs); and a name -> Module map."""
-    from .config import AdapterConfig
+    from medcare_dist.config import AdapterConfig
 
     a = adapters if adapters is not None else AdapterConfig()
     h, inter, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
@@ -447,7 +447,7 @@ def zero_settings(ds_config: Optional[dict], stage: Optional[int] = None, offloa
 
 
 def repo_ds_config(stage: int, offload: bool) -> dict:
-    from .config import resolve_ds_config_path
+    from medcare_dist.config import resolve_ds_config_path
 
     name = "zero2.json" if stage == 2 else ("zero3_offload.json" if offload else "zero3.json")
     path = resolve_ds_config_path(f"ds_configs/{name}")
@@ -503,7 +503,7 @@ def _ring_seconds(payload_bytes: float, world: int, gbs: float) -> float:
 
 def plan(shape: ModelShape, cluster: Cluster, work: Workload, zero: dict, adapters=None) -> dict:
     """Every figure for one configuration (a dict, JSON-ready)."""
-    from .config import AdapterConfig
+    from medcare_dist.config import AdapterConfig
 
     adapters = adapters if adapters is not None else AdapterConfig()
     world = cluster.world
@@ -827,7 +827,7 @@ def _parser():
 
 def _inputs(args):
     """(shape, cluster, workload, zero, adapters, cfg) from the command line."""
-    from .config import AdapterConfig, load_config, resolve_ds_config_path
+    from medcare_dist.config import AdapterConfig, load_config, resolve_ds_config_path
 
     cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     if args.overrides and not args.recipe:
@@ -926,12 +926,12 @@ def measure_main(args):
     import deepspeed
     import deepspeed.comm as dcomm
 
-    from .config import build_ds_config, load_config, resolve_dtype
-    from .distributed import barrier, init_distributed
-    from .injection import add_stage1_adapters
-    from .modeling import device_type, enable_gradient_checkpointing, load_base_model
-    from .trainer import token_loss_sum
-    from .zero import mark_adapter_leaf_modules
+    from medcare_dist.config import build_ds_config, load_config, resolve_dtype
+    from medcare_dist.training.distributed import barrier, init_distributed
+    from medcare_dist.method.injection import add_stage1_adapters
+    from medcare_dist.training.modeling import device_type, enable_gradient_checkpointing, load_base_model
+    from medcare_dist.training.trainer import token_loss_sum
+    from medcare_dist.training.zero import mark_adapter_leaf_modules
 
     if args.stage != 1:
         print("error: --measure runs stage 1 only", file=sys.stderr)
@@ -1072,8 +1072,8 @@ def _demo_model_dir(cfg, rank, barrier) -> Path:
     if rank == 0 and not (target / "config.json").is_file():
         import shutil
 
-        from .demo import prepare_demo
-        from .demo_base import build_demo_base
+        from medcare_dist.demo.assets import prepare_demo
+        from medcare_dist.demo.base_model import build_demo_base
 
         assets = prepare_demo(demo_dir, seed=cfg.data.demo_seed)
         tmp = demo_dir / ".base_model.tmp"

@@ -10,12 +10,11 @@ import argparse
 import json
 import logging
 import random
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from medcare_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +525,3 @@ def main(argv=None) -> int:
     check.add_argument("--max-length", type=int, default=2048, help="length to count overlong rows against")
     args = parser.parse_args(argv)
     return _check(args.files, args.format, args.tokenizer, args.max_length)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

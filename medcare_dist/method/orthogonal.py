@@ -2,9 +2,9 @@
 
 import torch
 
-from .adapters import OrthogonalLoRALinear
-from .injection import adapter_layers
-from .zero import gathered
+from medcare_dist.method.adapters import OrthogonalLoRALinear
+from medcare_dist.method.injection import adapter_layers
+from medcare_dist.training.zero import gathered
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ signal stops every rank). The loop then writes a checkpoint and exits with PREEM
 which launch/slurm/train.sbatch turns into `scontrol requeue`; the requeued job resumes from
 that checkpoint.
 
-Integration in a training loop (medcare_dist/trainer.py):
+Integration in a training loop (medcare_dist/training/trainer.py):
 
     preemption.install()                                 # once, in the main thread
     for step in ...:

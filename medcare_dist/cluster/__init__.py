@@ -1,0 +1,1 @@
+"""Cluster-scale planning: memory, time and communication of a job before it is launched."""

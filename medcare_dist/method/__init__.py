@@ -1,0 +1,1 @@
+"""The MedCare method: adapter layers, putting them into a model and folding them out, orthogonality."""
