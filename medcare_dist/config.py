@@ -88,9 +88,13 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
+    # A json/jsonl/parquet/arrow/csv file, a folder of them, or a datasets.save_to_disk folder.
     path: str
-    format: Literal["auto", "conversations", "messages", "alpaca"] = "auto"
-    max_samples: Optional[int] = None
+    format: Literal["auto", "conversations", "sharegpt", "messages", "alpaca"] = "auto"
+    max_samples: Optional[int] = None  # a seeded subset of the valid rows
+    split: Optional[str] = None        # the split of a save_to_disk DatasetDict
+    columns: dict[str, str] = field(default_factory=dict)  # {our field: the source's column}
+    weight: float = 1.0                # sampling ratio: 2.0 every row twice, 0.5 a seeded half
 
 
 @dataclass
@@ -464,6 +468,11 @@ class _Builder:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 self.fail(origin, path, f"'{text}' is not one of {_choices(args)}{hint}")
             return canon
+        if o is dict:
+            if not isinstance(value, dict):
+                self.fail(origin, path, f"expected a mapping, got {_kind(value)}")
+            key_tp, value_tp = args
+            return {k: self.convert(value_tp, n, f"{path}.{k}") for k, n in value.items()}
         if o is list:
             (item_tp,) = args
             if isinstance(value, list):
@@ -621,12 +630,13 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
         fail("data.val_size", f"a share must be below 1 and a number of rows whole, got {d.val_size}")
     if d.val_size and not (cfg.stage1.eval_every or cfg.stage2.eval_every):
         fail("data.val_size", "given, but stage1.eval_every and stage2.eval_every are 0: nothing would read it")
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "stage1_eval", "stage2_eval"):
         for i, src in enumerate(getattr(d, stage)):
             if not src.path.strip():
                 fail(f"data.{stage}[{i}].path", "must not be empty")
             if src.max_samples is not None:
                 positive(f"data.{stage}[{i}].max_samples", src.max_samples)
+            positive(f"data.{stage}[{i}].weight", src.weight)
 
     a = cfg.adapters
     for name in ("attn_rank", "expert_rank", "shared_rank", "align_rank", "num_experts",

@@ -250,6 +250,20 @@ def _pipeline_markdown(report: dict) -> list:
     return lines
 
 
+def _data_markdown(report: dict) -> list:
+    """What each stage trained on: rows read, bad, used after max_samples and weight, and tokenized."""
+    rows = [(stage, name, c) for stage, s in report["stages"].items()
+            for name, c in (s.get("data") or {}).get("files", {}).items()]
+    if not rows:
+        return []
+    lines = ["## Data", "", "| stage | source | rows read | bad | weight | used | trained (after length checks) |",
+             "|---|---|---|---|---|---|---|"]
+    for stage, name, c in rows:
+        lines.append(f"| {stage} | `{name}` | {c['read']} | {c['bad']} | {c.get('weight', 1.0):g} | {c['used']} | "
+                     f"{c['rows']} |")
+    return lines + [""]
+
+
 def _markdown(report: dict, plots) -> str:
     lines = ["# medcare-dist run report", "",
              "| stage | steps | skipped (NaN/inf) | first loss | last loss | first 10% mean | last 10% mean | "
@@ -268,6 +282,7 @@ def _markdown(report: dict, plots) -> str:
               f"Throughput: {_fmt(report['throughput']['tokens_per_s'], '.0f')} tokens/s over "
               f"{report['throughput']['tokens']} tokens; wall time {report['wall_seconds']:.0f} s.", "",
               f"Final model: `{report['final_model_dir']}`", ""]
+    lines += _data_markdown(report)
     if "pipeline" in report:
         lines += _pipeline_markdown(report)
     if "eval" in report:

@@ -213,7 +213,7 @@ def test_skip_policy_counts_by_reason(tok, mixed_file, tmp_path):
         expected[reason] = expected.get(reason, 0) + 1
     assert stats.bad_rows == expected
     assert len(ds) == stats.num_rows == 5
-    assert stats.files[str(mixed_file)] == {"read": 14, "bad": 12, "used": 2, "rows": 2}
+    assert stats.files[str(mixed_file)] == {"read": 14, "bad": 12, "used": 2, "rows": 2, "weight": 1.0}
     assert stats.files[str(clean)]["rows"] == 3
     assert json.loads(json.dumps(stats.to_dict()))["bad_rows"] == expected
 
@@ -230,11 +230,12 @@ def test_error_list_is_capped(tok, tmp_path):
 def test_missing_and_unsupported_files(tok, tmp_path):
     with pytest.raises(DataError, match="nowhere.jsonl: no such file"):
         load_stage_dataset([{"path": str(tmp_path / "nowhere.jsonl")}], tok, 64)
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type"):
-        load_stage_dataset([{"path": str(tmp_path / "data.csv")}], tok, 64)
+    (tmp_path / "data.txt").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"data.txt: unsupported file type '.txt' \(use .jsonl, .ndjson, .json, "
+                                        r".parquet, .arrow, .csv, a folder of them, or a save_to_disk folder\)"):
+        load_stage_dataset([{"path": str(tmp_path / "data.txt")}], tok, 64)
     with pytest.raises(DataError, match="unknown format"):
-        load_stage_dataset([{"path": str(tmp_path / "data.csv"), "format": "sharegpt"}], tok, 64)
+        load_stage_dataset([{"path": str(tmp_path / "data.txt"), "format": "openai"}], tok, 64)
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match=r"empty\.jsonl: no rows \(an empty file\?\)"):
         load_stage_dataset([{"path": str(empty)}], tok, 64)

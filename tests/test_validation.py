@@ -88,3 +88,6 @@ def test_save_best_and_early_stopping_survive_a_crash(tiny_assets, tmp_path):
     assert max(float((kept[k] - got[k]).abs().max()) for k in kept) < 1e-6
     report = (cut / "report.md").read_text()
     assert f"@ {best_step}, stopped early at {stop}" in report
+    files = again["summary"]["data"]["files"]  # the data table: what each source gave the stage
+    assert files and all(f"| stage1 | `{name}` | {c['read']} | {c['bad']} | 1 | {c['used']} | {c['rows']} |"
+                         in report for name, c in files.items())

@@ -1,7 +1,7 @@
-"""Training data from local json / jsonl / parquet files in three chat formats, validated row by row.
+"""Training data in three chat formats (ShareGPT, OpenAI messages, Alpaca), validated row by row.
 
-Rows become token ids with assistant-only labels; `python -m medcare_dist.data check FILE...` validates
-files without training.
+Rows come from any local source (`data.sources`) and become token ids with loss on assistant replies and
+tool calls only; `python -m medcare_dist.data check SOURCE...` validates sources without training.
 """
 
 from __future__ import annotations
@@ -12,27 +12,23 @@ import logging
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from medcare_dist.errors import InputError
+from medcare_dist.data.sources import DataError, RowError, rename_columns, source_files
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "conversations", "messages", "alpaca")
-ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# "sharegpt" is the name LLaMA-Factory and most exports use for the `conversations` (from/value) layout.
+FORMATS = ("auto", "conversations", "sharegpt", "messages", "alpaca")
+ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 IGNORE_INDEX = -100
 MAX_LISTED_BAD_ROWS = 20
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-class DataError(InputError, ValueError):
-    """Training data that cannot be used as given; the message says where and why."""
 
 
 @dataclass(frozen=True)
 class BadRow:
     file: str
-    line: int    # 1-based; a line for JSON lines, an array item for .json arrays, a row for parquet
+    line: int    # 1-based; a line for JSON lines, an array item for .json arrays, a row for tables
     reason: str  # a stable key, counted in DataStats.bad_rows
     detail: str
     unit: str = "line"
@@ -42,47 +38,129 @@ class BadRow:
         return f"{where}: {self.reason}: {self.detail}"
 
 
-class _RowError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
+class Conversation(list):
+    """A checked list of chat messages; `tools` holds the function schemas offered to the model, if any."""
+
+    tools: list | None = None
 
 
 # ----- formats -------------------------------------------------------------------------------------------
 
+def _text(content, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of parts of which only text parts are accepted."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content, 1):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowError("unsupported_content", f"{where} part {j} is {kind!r}; only text parts are trained")
+        return "".join(texts)
+    raise RowError("wrong_type", f"{where} content is {type(content).__name__}, not a string or a list of parts")
+
+
+def _arguments(value, where: str) -> dict:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise RowError("bad_tool_call", f"{where} arguments are not JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise RowError("bad_tool_call", f"{where} arguments are {type(value).__name__}, not an object")
+    return value
+
+
+def _tool_call(call, where: str) -> dict:
+    """One call as {"type": "function", "function": {"name", "arguments": dict}} (what chat templates read)."""
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):
+        call = {**call["function"], "id": call.get("id")}
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        raise RowError("bad_tool_call", f"{where} needs a function name")
+    out = {"type": "function", "function": {"name": call["name"],
+                                            "arguments": _arguments(call.get("arguments", {}), where)}}
+    if call.get("id"):
+        out["id"] = call["id"]
+    return out
+
+
+def _function_call_turn(value, where: str) -> list[dict]:
+    """ShareGPT's function_call turn: a JSON object {"name", "arguments"}, or a list of them."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError("bad_tool_call", f"{where} function_call is not JSON: {e.msg}") from None
+    calls = value if isinstance(value, list) else [value]
+    return [_tool_call(c, f"{where} call {j}") for j, c in enumerate(calls, 1)]
+
+
 def _message_list(items, field_name: str) -> list[dict]:
     if not isinstance(items, list):
-        raise _RowError("wrong_type", f"'{field_name}' is {type(items).__name__}, not a list")
+        raise RowError("wrong_type", f"'{field_name}' is {type(items).__name__}, not a list")
     messages = []
     for i, item in enumerate(items, 1):
+        where = f"{field_name}[{i}]"
         if not isinstance(item, dict):
-            raise _RowError("wrong_type", f"{field_name}[{i}] is {type(item).__name__}, not an object")
+            raise RowError("wrong_type", f"{where} is {type(item).__name__}, not an object")
         # Both key styles are accepted in both formats: exports mix them more often than not.
         role = item.get("from", item.get("role"))
+        has_content = "value" in item or "content" in item
         content = item.get("value", item.get("content"))
-        if role is None or ("value" not in item and "content" not in item):
-            raise _RowError("missing_field", f"{field_name}[{i}] needs from/value or role/content")
+        if role is None or not (has_content or item.get("tool_calls")):
+            raise RowError("missing_field", f"{where} needs from/value or role/content")
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
-            raise _RowError("unknown_role", f"{field_name}[{i}] has role {role!r} "
-                                            f"(expected one of {', '.join(sorted(ROLE_ALIASES))})")
-        if not isinstance(content, str):
-            raise _RowError("wrong_type", f"{field_name}[{i}] content is {type(content).__name__}, not a string")
-        messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+            raise RowError("unknown_role", f"{where} has role {role!r} "
+                                           f"(expected one of {', '.join(sorted(ROLE_ALIASES))})")
+        role = role.lower()
+        if role == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _function_call_turn(content, where)})
+            continue
+        message = {"role": ROLE_ALIASES[role], "content": "" if content is None else _text(content, where)}
+        if item.get("tool_calls"):
+            if message["role"] != "assistant" or not isinstance(item["tool_calls"], list):
+                raise RowError("bad_tool_call", f"{where}: tool_calls must be a list on an assistant message")
+            message["tool_calls"] = [_tool_call(c, f"{where} tool_calls[{j}]")
+                                     for j, c in enumerate(item["tool_calls"], 1)]
+        elif content is None:
+            raise RowError("wrong_type", f"{where} content is null (allowed only with tool_calls)")
+        for key in ("tool_call_id", "name"):
+            if message["role"] == "tool" and isinstance(item.get(key), str):
+                message[key] = item[key]
+        messages.append(message)
     return messages
+
+
+def _tools(obj: dict):
+    tools = obj.get("tools")
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise RowError("bad_tools", f"'tools' is not JSON: {e.msg}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("bad_tools", "'tools' must be a list of function schemas")
+    return tools
 
 
 def _alpaca_messages(obj: dict) -> list[dict]:
     for key in ("instruction", "output"):
         if key not in obj:
-            raise _RowError("missing_field", f"alpaca row has no '{key}'")
+            raise RowError("missing_field", f"alpaca row has no '{key}'")
     for key in ("instruction", "input", "output", "system"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
-            raise _RowError("wrong_type", f"'{key}' is {type(obj[key]).__name__}, not a string")
+            raise RowError("wrong_type", f"'{key}' is {type(obj[key]).__name__}, not a string")
     messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
     history = obj.get("history") or []
     if not isinstance(history, list) or not all(
             isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
-        raise _RowError("wrong_type", "'history' must be a list of [instruction, output] string pairs")
+        raise RowError("wrong_type", "'history' must be a list of [instruction, output] string pairs")
     for query, answer in history:
         messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
     prompt = "\n".join(part for part in (obj["instruction"], obj.get("input")) if part)
@@ -97,24 +175,25 @@ def detect_format(obj: dict) -> str:
         return "messages"
     if "instruction" in obj or "output" in obj:
         return "alpaca"
-    raise _RowError("unknown_format", "row has none of 'conversations', 'messages', 'instruction' "
-                                      f"(keys: {', '.join(sorted(obj)[:8]) or 'none'})")
+    raise RowError("unknown_format", "row has none of 'conversations', 'messages', 'instruction' "
+                                     f"(keys: {', '.join(sorted(obj)[:8]) or 'none'})")
 
 
-def normalize_row(obj, fmt: str = "auto") -> list[dict]:
-    """A row of any supported format as a checked list of {role, content} ending with an assistant turn.
+def normalize_row(obj, fmt: str = "auto") -> Conversation:
+    """A row of any supported format as a checked Conversation ending with an assistant turn.
 
     Empty system messages are dropped and so are turns after the last assistant
-    reply (they could carry no label); anything else wrong raises _RowError.
+    reply (they could carry no label); anything else wrong raises RowError.
     """
     if not isinstance(obj, dict):
-        raise _RowError("not_an_object", f"row is {type(obj).__name__}, not a JSON object")
+        raise RowError("not_an_object", f"row is {type(obj).__name__}, not a JSON object")
     fmt = detect_format(obj) if fmt == "auto" else fmt
+    fmt = "conversations" if fmt == "sharegpt" else fmt
     if fmt == "alpaca":
         messages = _alpaca_messages(obj)
     else:
         if fmt not in obj:
-            raise _RowError("missing_field", f"row has no '{fmt}' field")
+            raise RowError("missing_field", f"row has no '{fmt}' field")
         messages = _message_list(obj[fmt], fmt)
         system = obj.get("system")
         # LLaMA-Factory's ShareGPT layout keeps the system prompt in a column of its own.
@@ -122,108 +201,39 @@ def normalize_row(obj, fmt: str = "auto") -> list[dict]:
             messages.insert(0, {"role": "system", "content": system})
     messages = [m for m in messages if not (m["role"] == "system" and not m["content"].strip())]
     if not messages:
-        raise _RowError("empty_conversation", "no messages")
+        raise RowError("empty_conversation", "no messages")
     for i, m in enumerate(messages, 1):
-        if not m["content"].strip():
-            raise _RowError("empty_content", f"message {i} ({m['role']}) is empty")
+        if not m["content"].strip() and not m.get("tool_calls"):
+            raise RowError("empty_content", f"message {i} ({m['role']}) is empty")
     last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last_reply is None:
-        raise _RowError("no_assistant_turn", "no assistant/gpt message to learn from")
+        raise RowError("no_assistant_turn", "no assistant/gpt message to learn from")
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
     first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if first_reply < first_user:
-        raise _RowError("no_user_turn", f"assistant message {first_reply + 1} comes before any user message")
-    return messages[: last_reply + 1]
+        raise RowError("no_user_turn", f"assistant message {first_reply + 1} comes before any user message")
+    out = Conversation(messages[: last_reply + 1])
+    out.tools = _tools(obj)
+    return out
 
 
-# ----- reading files -------------------------------------------------------------------------------------
+# ----- reading sources -----------------------------------------------------------------------------------
 
-def _iter_json_lines(path: Path):
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, _RowError("invalid_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} "
-                                                        "is not UTF-8")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield lineno, _RowError("invalid_json", f"{e.msg} (column {e.colno})")
-            except RecursionError:
-                yield lineno, _RowError("invalid_json", "nested too deeply to parse")
-
-
-def _iter_json_array(path: Path):
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: invalid_utf8: byte 0x{raw[e.start]:02x} is not UTF-8 "
-                        "(a .json array is parsed as a whole, so the file cannot be read)") from None
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid_json: {e.msg} (column {e.colno}; a .json array is parsed "
-                        "as a whole, so the file cannot be read)") from None
-    except RecursionError:
-        raise DataError(f"{path}: invalid_json: nested too deeply to parse (a .json array is parsed as a "
-                        "whole, so the file cannot be read)") from None
-    yield from enumerate(items, 1)
-
-
-def _iter_parquet(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several unrelated types for a damaged file
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    index = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            index += 1
-            yield index, row
-
-
-def _file_rows(path: Path):
-    """(unit, iterator of (1-based position, parsed object or _RowError)) for one data file."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        return "line", _iter_json_lines(path)
-    if suffix == ".json":
-        # HF datasets reads JSON lines from .json files too: an array is told apart by its first byte.
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        return ("item", _iter_json_array(path)) if head.startswith(b"[") else ("line", _iter_json_lines(path))
-    if suffix == ".parquet":
-        return "row", _iter_parquet(path)
-    raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
-
-
-def read_conversations(path, fmt: str = "auto") -> tuple[list[list[dict]], list[BadRow], int]:
-    """All rows of one file: (normalised conversations, bad rows, rows read). Bad rows never stop the scan."""
+def read_conversations(path, fmt: str = "auto", *, split: str | None = None,
+                       columns: dict | None = None) -> tuple[list[Conversation], list[BadRow], int]:
+    """All rows of one source: (normalised conversations, bad rows, rows read). Bad rows never stop the scan."""
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
-    path = Path(path)
-    unit, rows = _file_rows(path)
     good, bad, n = [], [], 0
-    for position, obj in rows:
-        n += 1
-        try:
-            if isinstance(obj, _RowError):
-                raise obj
-            good.append(normalize_row(obj, fmt))
-        except _RowError as e:
-            bad.append(BadRow(str(path), position, e.reason, e.detail, unit))
+    for source in source_files(path, split):
+        for position, obj in source.rows:
+            n += 1
+            try:
+                if isinstance(obj, RowError):
+                    raise obj
+                good.append(normalize_row(rename_columns(obj, columns), fmt))
+            except RowError as e:
+                bad.append(BadRow(source.name, position, e.reason, e.detail, source.unit))
     return good, bad, n
 
 
@@ -238,27 +248,44 @@ def format_bad_rows(bad: list[BadRow], limit: int = MAX_LISTED_BAD_ROWS) -> str:
 
 # ----- tokenisation --------------------------------------------------------------------------------------
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
+    return tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _check_template_renders_tools(tokenizer, messages, full: str, tools):
+    """Refuse a template that would drop tool schemas or tool calls: their tokens would silently vanish."""
+    if tools and full == _render(tokenizer, messages):
+        raise DataError("the tokenizer's chat template ignores 'tools' (the function schemas of a row); use a "
+                        "template that renders them (Qwen2.5, Qwen3, Llama 3.1 do) or drop the column")
+    if any(m.get("tool_calls") for m in messages):
+        plain = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+        if full == _render(tokenizer, plain, tools=tools):
+            raise DataError("the tokenizer's chat template does not render assistant tool_calls (ShareGPT "
+                            "function_call turns); use a template that does (Qwen2.5, Qwen3, Llama 3.1)")
 
 
 def render_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     """The chat-template text of `messages` cut into (text, is_reply) pieces that concatenate to the whole.
 
     A reply piece is what a model must generate after the template's generation
-    prompt: the assistant content plus the end-of-turn marker (`<|im_end|>` for
-    ChatML), without the whitespace the template puts after it. Pieces come from
+    prompt: the assistant content (tool calls included) plus the end-of-turn marker
+    (`<|im_end|>` for ChatML), without the whitespace the template puts after it;
+    tool results are prompt. Pieces come from
     rendering prefixes of the conversation, so no template-specific parsing.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the tokenizer has no chat template (tokenizer_config.json / chat_template.jinja)")
-    full = _render(tokenizer, messages)
+    tools = getattr(messages, "tools", None)
+    full = _render(tokenizer, messages, tools=tools)
+    if tools or any(m.get("tool_calls") for m in messages):
+        _check_template_renders_tools(tokenizer, messages, full, tools)
     pieces, pos = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1])
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        through = _render(tokenizer, messages[: i + 1], tools=tools)
         if not (full.startswith(through) and through.startswith(prompt) and len(prompt) >= pos):
             raise DataError("the chat template does not render a conversation as an extension of its prefixes; "
                             "assistant spans cannot be located")
@@ -328,21 +355,47 @@ class DataStats:
         return out
 
 
+SOURCE_KEYS = ("path", "format", "max_samples", "split", "columns", "weight")
+
+
 def _check_source(source) -> dict:
-    if isinstance(source, (str, Path)):
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
         source = {"path": str(source)}
     if not isinstance(source, dict) or not source.get("path"):
         raise DataError(f"data source {source!r} needs a 'path'")
-    unknown = set(source) - {"path", "format", "max_samples"}
+    unknown = set(source) - set(SOURCE_KEYS)
     if unknown:
-        raise DataError(f"data source {source['path']}: unknown keys {sorted(unknown)}")
+        raise DataError(f"data source {source['path']}: unknown keys {sorted(unknown)} (known: {', '.join(SOURCE_KEYS)})")
     fmt = source.get("format") or "auto"
     if fmt not in FORMATS:
         raise DataError(f"data source {source['path']}: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     max_samples = source.get("max_samples")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise DataError(f"data source {source['path']}: max_samples must be a positive integer or null")
-    return {"path": str(source["path"]), "format": fmt, "max_samples": max_samples}
+    columns = source.get("columns") or {}
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        raise DataError(f"data source {source['path']}: columns must map field names to column names")
+    weight = source.get("weight", 1.0)
+    weight = 1.0 if weight is None else weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise DataError(f"data source {source['path']}: weight must be a positive number, not {weight!r}")
+    split = source.get("split")
+    if split is not None and not isinstance(split, str):
+        raise DataError(f"data source {source['path']}: split must be a string")
+    return {"path": str(source["path"]), "format": fmt, "max_samples": max_samples, "split": split,
+            "columns": dict(columns), "weight": float(weight)}
+
+
+def source_name(source: dict) -> str:
+    """How a checked source is named in stats and messages: its path, and its split if it names one."""
+    return source["path"] + (f"[{source['split']}]" if source["split"] else "")
+
+
+def _weighted(rows: list, weight: float, rng: random.Random) -> list:
+    """`weight` times the rows of a source: whole copies, plus a seeded share of one more (file order kept)."""
+    copies = int(weight)
+    extra = round((weight - copies) * len(rows))
+    return rows * copies + [rows[i] for i in sorted(rng.sample(range(len(rows)), extra))]
 
 
 def _warn_if_pieces_differ(tokenizer, pieces, piece_ids):
@@ -357,10 +410,11 @@ def _warn_if_pieces_differ(tokenizer, pieces, piece_ids):
 def read_stage_conversations(sources, max_length: int, on_bad_row: str = "error", seed: int = 0):
     """([(path, messages)], DataStats so far) of a stage's sources, in source order; bad rows per on_bad_row.
 
-    sources: [{"path", "format": "auto"|"conversations"|"messages"|"alpaca", "max_samples": int|None}].
-    on_bad_row="error" raises a DataError listing every bad row (file, line, reason) of
-    every source; "skip" drops them and counts them by reason. max_samples keeps a
-    seeded random subset of a file's valid rows, in file order.
+    sources: [{"path", "format", "max_samples", "split", "columns", "weight"}] (SOURCE_KEYS; a bare path
+    stands for {"path": path}). on_bad_row="error" raises a DataError listing every bad row (file, line,
+    reason) of every source; "skip" drops them and counts them by reason. max_samples keeps a seeded
+    random subset of a source's valid rows, in file order; weight then repeats the source (2.0: every row
+    twice) or keeps a seeded share of it (0.5: half), so sources mix in the ratios given.
     """
     if on_bad_row not in ("error", "skip"):
         raise DataError(f"on_bad_row must be 'error' or 'skip', not {on_bad_row!r}")
@@ -372,13 +426,21 @@ def read_stage_conversations(sources, max_length: int, on_bad_row: str = "error"
     stats = DataStats(max_length=max_length)
     conversations, all_bad = [], []
     for index, source in enumerate(sources):
-        good, bad, n_read = read_conversations(source["path"], source["format"])
+        good, bad, n_read = read_conversations(source["path"], source["format"], split=source["split"],
+                                               columns=source["columns"])
         all_bad += bad
+        rng = random.Random(f"{seed}:{index}:{source['path']}")
         if source["max_samples"] is not None and len(good) > source["max_samples"]:
-            rng = random.Random(f"{seed}:{index}:{source['path']}")
             good = [good[i] for i in sorted(rng.sample(range(len(good)), source["max_samples"]))]
-        stats.files[source["path"]] = {"read": n_read, "bad": len(bad), "used": len(good), "rows": 0}
-        conversations += [(source["path"], m) for m in good]
+        if source["weight"] != 1.0 and good:
+            good = _weighted(good, source["weight"], rng)
+        name = source_name(source)
+        stats.files[name] = {"read": n_read, "bad": len(bad), "used": len(good), "rows": 0,
+                             "weight": source["weight"]}
+        conversations += [(name, m) for m in good]
+    if any(s["weight"] != 1.0 for s in sources):
+        log.info("data mix: %s", ", ".join(f"{n} x{c['weight']:g} -> {c['used']} rows"
+                                           for n, c in stats.files.items()))
     stats.bad_rows = dict(sorted(Counter(b.reason for b in all_bad).items()))
     if not conversations and not all_bad:
         raise DataError(f"{', '.join(str(s['path']) for s in sources)}: no rows (an empty file?)")
@@ -477,7 +539,8 @@ def collate(batch: list[dict], pad_id: int, pad_to_multiple_of: int | None = Non
 
 # ----- command line --------------------------------------------------------------------------------------
 
-def _check(files, fmt: str, tokenizer_dir: str | None, max_length: int) -> int:
+def _check(files, fmt: str, tokenizer_dir: str | None, max_length: int, split: str | None = None,
+           columns: dict | None = None) -> int:
     tokenizer = None
     if tokenizer_dir:
         from transformers import AutoTokenizer
@@ -488,7 +551,7 @@ def _check(files, fmt: str, tokenizer_dir: str | None, max_length: int) -> int:
     failed_files = 0
     for path in files:
         try:
-            good, bad, n_read = read_conversations(path, fmt)
+            good, bad, n_read = read_conversations(path, fmt, split=split, columns=columns)
         except DataError as e:
             print(f"{e}", flush=True)
             failed_files += 1
@@ -519,9 +582,20 @@ def main(argv=None) -> int:
     check = sub.add_parser("check", help="validate data files without training; exit status 1 if any row is bad",
                            description="List every bad row as FILE:LINE: reason: detail, then a summary. "
                                        "Exit status 0 if all files are clean, 1 otherwise.")
-    check.add_argument("files", nargs="+", metavar="FILE", help=".jsonl, .json or .parquet")
+    check.add_argument("files", nargs="+", metavar="SOURCE",
+                       help="a .jsonl/.json/.parquet/.arrow/.csv file, a folder of them, or a save_to_disk folder")
     check.add_argument("--format", default="auto", choices=FORMATS)
+    check.add_argument("--split", default=None, help="the split of a save_to_disk DatasetDict")
+    check.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                       help="read our FIELD (messages, conversations, instruction, input, output, system, tools) "
+                            "from the source's COLUMN; repeatable")
     check.add_argument("--tokenizer", default=None, help="local tokenizer directory: also report token lengths")
     check.add_argument("--max-length", type=int, default=2048, help="length to count overlong rows against")
     args = parser.parse_args(argv)
-    return _check(args.files, args.format, args.tokenizer, args.max_length)
+    columns = {}
+    for spec in args.column:
+        ours, sep, theirs = spec.partition("=")
+        if not sep or not ours or not theirs:
+            parser.error(f"--column {spec!r}: expected FIELD=COLUMN")
+        columns[ours] = theirs
+    return _check(args.files, args.format, args.tokenizer, args.max_length, args.split, columns)

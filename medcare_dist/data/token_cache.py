@@ -1,8 +1,8 @@
 """A stage's tokenized data, built in slices by all ranks, saved under the run, memory-mapped by every rank.
 
-The key covers everything the token ids depend on: the source files' bytes, formats and max_samples,
-the seed (which subset max_samples keeps), max_length, on_bad_row and the tokenizer (vocabulary, merges,
-chat template, special tokens). Every rank reads and checks all rows (so bad data stops every rank with
+The key covers everything the token ids depend on: the sources' bytes and settings (format, max_samples,
+split, columns, weight), the seed (which subsets max_samples and weight keep), max_length, on_bad_row and
+the tokenizer (vocabulary, merges, chat template, special tokens). Every rank reads and checks all rows (so bad data stops every rank with
 the same message, with no collective), tokenizes one contiguous slice and saves it; rank 0 then
 publishes the slices as one cache. A rerun of the same command (a resume) reuses the cache; any change
 builds a new one and removes the old. Memory-mapped Arrow is one copy per node, in the page cache.
@@ -14,17 +14,11 @@ import shutil
 from pathlib import Path
 
 from medcare_dist.data.conversations import DataStats, _check_source, read_stage_conversations, tokenize_conversations
+from medcare_dist.data.sources import source_digest
 from medcare_dist.training import integrity
 
 CACHE_VERSION = 2  # bump when tokenization or the cached layout changes
 INDEX_NAME = "index.json"  # written last: a cache directory without it is incomplete
-
-
-def _file_digest(path: str) -> str:
-    try:
-        return integrity.file_sha256(Path(path))
-    except OSError:
-        return "unreadable"  # reading the rows names the file and the reason
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -38,7 +32,7 @@ def cache_key(sources, tokenizer, max_length: int, on_bad_row: str, seed: int) -
     sources = [_check_source(s) for s in sources]
     parts = {"version": CACHE_VERSION, "max_length": max_length, "on_bad_row": on_bad_row, "seed": seed,
              "tokenizer": _tokenizer_digest(tokenizer),
-             "sources": [{**s, "sha256": _file_digest(s["path"])} for s in sources]}
+             "sources": [{**s, "sha256": source_digest(s["path"])} for s in sources]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
