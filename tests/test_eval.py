@@ -95,6 +95,8 @@ def test_set_items_and_micro_f1():
     assert row["precision"] == pytest.approx(0.75) and row["recall"] == pytest.approx(0.6)
     assert row["score"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
     assert row["exact_set"] == pytest.approx(1 / 3)
+    # F1 is not a mean: its stderr is a seeded bootstrap, which the spread of F1 over resampled items bounds.
+    assert row["stderr"] == sc.bootstrap_f1_stderr(records) and 0.05 < row["stderr"] < 0.5
 
 
 def test_aggregate_rows_and_table():
@@ -108,9 +110,18 @@ def test_aggregate_rows_and_table():
     assert got == {("a.jsonl", "all"): (3, pytest.approx(2 / 3), 1), ("a.jsonl", "单项选择题"): (1, 1.0, 0),
                    ("a.jsonl", "多项选择题"): (2, 0.5, 1), ("b.jsonl", "all"): (1, 0.0, 0),
                    ("ALL", "mean over files"): (4, pytest.approx(1 / 3), 1)}
+    # Standard errors by hand: scores 1, 0, 1 have sample variance 1/3, so stderr sqrt(1/3 / 3) = 1/3; one
+    # item has none; the mean over files has none when one of its files has none.
+    stderr = {(r["file"], r["type"]): r["stderr"] for r in rows}
+    assert stderr == {("a.jsonl", "all"): pytest.approx(1 / 3), ("a.jsonl", "单项选择题"): None,
+                      ("a.jsonl", "多项选择题"): pytest.approx(0.5), ("b.jsonl", "all"): None,
+                      ("ALL", "mean over files"): None}
     table = sc.markdown_table(rows).splitlines()
-    assert table[2] == "| a.jsonl | all | generate | accuracy | 3 | 66.67 | 1 |"
+    assert table[2] == "| a.jsonl | all | generate | accuracy | 3 | 66.67 ± 33.33 | 1 |"
     assert table[3] == "|  | 单项选择题 | generate | accuracy | 1 | 100.00 | 0 |"
+    two = sc.aggregate(records + [rec("b.jsonl", "mcq", "generate", 1.0)])
+    # Independent files: the stderr of their unweighted mean is sqrt(se_a^2 + se_b^2) / 2.
+    assert two[-1]["stderr"] == pytest.approx(((1 / 3) ** 2 + 0.5 ** 2) ** 0.5 / 2)
 
 
 # ----- benchmark formats ------------------------------------------------------------------------------------
@@ -379,6 +390,45 @@ def test_demo_run_end_to_end(run_dir, capsys):
     table = (out / "results.md").read_text()
     assert table.startswith("| file | type | scorer |") and "stage2_eval.jsonl" in table
     assert "| unparsed |" in capsys.readouterr().out
+
+
+def test_fewshot_cli_scores_the_prompt_with_its_examples_and_writes_the_lm_eval_section(run_dir, model_and_tok,
+                                                                                        tmp_path):
+    model, tok = model_and_tok
+    bench = write_jsonl(tmp_path / "medqa.jsonl", [
+        {"question": f"Which code is condition {i}?", "options": {"A": f"I1{i}", "B": f"E1{i}.9"},
+         "answer_idx": "AB"[i % 2]} for i in range(6)])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [
+        {"question": f"Dev question {i}?", "options": {"A": "J45", "B": "I10"}, "answer_idx": "B"} for i in range(4)])
+    out = tmp_path / "out"
+    result = ev.run_cli([str(bench), "--model", str(run_dir / "merged_base"), "--adapters",
+                         str(run_dir / "stage2" / "adapters"), "--scorer", "loglik", "--num-fewshot", "2",
+                         "--fewshot-file", str(dev), "--output", str(out), "--quiet", "--normalization", "sum"])
+    records = [json.loads(l) for l in (out / "items.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(len(r["fewshot"]) == 2 and all(o.startswith(str(dev)) for o in r["fewshot"])
+                                     for r in records)
+    # Rebuild the first item's context by hand from the recorded examples and score it independently.
+    rec = records[0]
+    turns = []
+    for origin in rec["fewshot"]:
+        i = int(origin.rsplit(":", 1)[1]) - 1
+        turns += [{"role": "user", "content": f"Dev question {i}?\nA. J45\nB. I10\n"
+                                              + bm.INSTRUCTIONS[("en", False)]},
+                  {"role": "assistant", "content": "The answer is B. I10"}]
+    turns.append({"role": "user", "content": "Which code is condition 0?\nA. I10\nB. E10.9\n"
+                                             + bm.INSTRUCTIONS[("en", False)]})
+    context = ev.render_prompt(tok, turns) + "The answer is "
+    for letter, text in (("A", "I10"), ("B", "E10.9")):
+        total, n = independent_loglik(model, tok, context, f"{letter}. {text}")
+        assert rec["option_logliks"][letter]["sum"] == pytest.approx(total, abs=1e-4)
+        assert rec["option_logliks"][letter]["tokens"] == n
+    lm = json.loads((out / "results.json").read_text())["lm_eval"]
+    acc = [float(max(r["option_logliks"], key=lambda l: r["option_logliks"][l]["sum"]) == r["gold"][0])
+           for r in records]
+    assert lm["results"]["medqa"]["acc,none"] == pytest.approx(sum(acc) / 6) == result["results"][0]["score"]
+    assert lm["n-shot"] == {"medqa": 2} and lm["n-samples"]["medqa"] == {"original": 6, "effective": 6}
+    saved = json.loads((out / "results.json").read_text())["settings"]
+    assert saved["num_fewshot"] == 2 and saved["fewshot_seed"] == 1234
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

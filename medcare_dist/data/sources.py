@@ -39,6 +39,9 @@ class SourceFile:
     name: str
     unit: str          # "line" | "item" | "row"
     rows: object       # iterator of (position, dict | RowError)
+    # The `datasets` features the file declares (parquet/arrow written by datasets, save_to_disk), as
+    # {column: feature dict}; a ClassLabel column says how its integers map to names.
+    features: dict | None = None
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -78,9 +81,9 @@ def _file(path: Path) -> SourceFile:
             return SourceFile(str(path), "item", _json_array(path))
         return SourceFile(str(path), "line", _json_lines(path))
     if suffix == ".parquet":
-        return SourceFile(str(path), "row", _parquet(path))
+        return SourceFile(str(path), "row", _parquet(path), _parquet_features(path))
     if suffix == ".arrow":
-        return SourceFile(str(path), "row", _arrow(path))
+        return SourceFile(str(path), "row", _arrow(path), _arrow_features(path))
     if suffix == ".csv":
         return SourceFile(str(path), "row", _csv(path))
     raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)}, a folder of them, "
@@ -133,6 +136,36 @@ def _batches_as_rows(batches):
         for row in batch.to_pylist():
             index += 1
             yield index, row
+
+
+def _hf_features(metadata) -> dict | None:
+    """The features datasets stores in a schema's b"huggingface" metadata, if any."""
+    raw = (metadata or {}).get(b"huggingface")
+    try:
+        features = json.loads(raw)["info"]["features"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return features if isinstance(features, dict) else None
+
+
+def _parquet_features(path: Path) -> dict | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return _hf_features(pq.read_schema(path).metadata)
+    except Exception:  # a damaged file: reading its rows reports it
+        return None
+
+
+def _arrow_features(path: Path) -> dict | None:
+    import pyarrow as pa
+
+    for opener in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            return _hf_features(opener(pa.memory_map(str(path))).schema.metadata)
+        except Exception:
+            continue
+    return None
 
 
 def _parquet(path: Path):
@@ -200,7 +233,7 @@ def _saved_dataset(path: Path, split: str | None) -> SourceFile:
         if split is not None:
             raise DataError(f"{path}: a single Dataset, which has no split {split!r}")
         dataset, name = loaded, str(path)
-    return SourceFile(name, "row", ((i, row) for i, row in enumerate(dataset, 1)))
+    return SourceFile(name, "row", ((i, row) for i, row in enumerate(dataset, 1)), dataset.features.to_dict())
 
 
 def rename_columns(row, columns: dict | None):

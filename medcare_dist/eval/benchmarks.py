@@ -13,9 +13,10 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from medcare_dist.data.sources import DataError, RowError, source_files
 from medcare_dist.errors import InputError
 
 log = logging.getLogger("medcare_dist.eval.benchmarks")
@@ -68,10 +69,14 @@ class Item:
     lang: str = "en"
     id: str | None = None
     index: int = -1              # position over all files, set when files are combined
+    reply: str | None = None     # exact/text/set: the reference answer as a model would write it (few-shot)
+    origin: str = ""             # the file (inside a folder source) and line the row came from
+    fewshot: list = field(default_factory=list)  # origins of the solved examples put before the prompt
 
 
-def _where(path, line, field=None):
-    return f"{path}:{line}" + (f": field {field!r}" if field else "")
+def _where(path, line, field=None, unit="line"):
+    """file:line, or "file: row N" for tables, and the field if one is named."""
+    return (f"{path}:{line}" if unit == "line" else f"{path}: {unit} {line}") + (f": field {field!r}" if field else "")
 
 
 def _first(row: dict, names):
@@ -287,9 +292,15 @@ def _gold_set(value, where):
 
 
 def parse_row(row, path, line: int, *, kind: str | None = None, index_base: int | None = None,
-              instruction: str | None = None) -> Item:
-    """One benchmark row as an Item; BenchmarkError naming file, line and field when it cannot be read."""
-    where = _where(path, line)
+              instruction: str | None = None, unit: str = "line", class_labels: dict | None = None) -> Item:
+    """One benchmark row as an Item; BenchmarkError naming file, line (or row) and field when it cannot be read.
+
+    class_labels: {column: names} of the file's ClassLabel columns; an integer answer in one of them is a
+    0-based index (what `datasets` stores), and -1 marks an unlabelled row."""
+    def at(name=None):
+        return _where(path, line, name, unit)
+
+    where = at()
     if not isinstance(row, dict):
         raise BenchmarkError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     turns, reply = _prompt_messages(row)
@@ -298,7 +309,7 @@ def parse_row(row, path, line: int, *, kind: str | None = None, index_base: int 
     label = str(type_value) if type_value is not None else None
     kind = kind or row.get("kind")
     if kind is not None and kind not in KINDS:
-        raise BenchmarkError(f"{_where(path, line, 'kind')}: unknown kind {kind!r}, expected one of {KINDS}")
+        raise BenchmarkError(f"{at('kind')}: unknown kind {kind!r}, expected one of {KINDS}")
 
     opt_field, opt_value = _first(row, OPTION_FIELDS)
     if opt_value is None and all(k in row for k in MEDMCQA_OPTION_FIELDS[:2]):  # MedMCQA opa..opd
@@ -306,11 +317,17 @@ def parse_row(row, path, line: int, *, kind: str | None = None, index_base: int 
     if opt_value is None and all(k in row for k in "AB"):  # C-Eval / CMMLU: options as top-level A, B, ...
         opt_field, opt_value = "A..", {k: row[k] for k in LETTERS if k in row and isinstance(row[k], str)}
     if opt_value is not None and kind in (None, "mcq"):
-        options = parse_options(opt_value, _where(path, line, opt_field))
+        options = parse_options(opt_value, at(opt_field))
         ans_field, ans_value = _first(row, MCQ_ANSWER_FIELDS)
         if ans_value is None:
             raise BenchmarkError(f"{where}: no answer field (looked for {', '.join(MCQ_ANSWER_FIELDS)})")
-        gold = _answer_letters(ans_value, options, _where(path, line, ans_field), index_base)
+        base = index_base
+        if class_labels and ans_field in class_labels:
+            base = 0
+            if isinstance(ans_value, int) and ans_value < 0:
+                raise BenchmarkError(f"{at(ans_field)}: answer {ans_value} marks an unlabelled row (a test split "
+                                     "published without answers?)")
+        gold = _answer_letters(ans_value, options, at(ans_field), base)
         multi = len(gold) > 1 or bool(label and MULTI_TYPE.search(label))
         if turns:
             messages = turns
@@ -320,7 +337,7 @@ def parse_row(row, path, line: int, *, kind: str | None = None, index_base: int 
             if question is None:
                 raise BenchmarkError(f"{where}: no question field (looked for {', '.join(QUESTION_FIELDS)})")
             if not isinstance(question, str):
-                raise BenchmarkError(f"{_where(path, line, q_field)}: question must be a string")
+                raise BenchmarkError(f"{at(q_field)}: question must be a string")
             lang = lang_of(question + "".join(t for _, t in options))
             messages = _mcq_prompt(question, options, multi, lang, instruction)
         return Item(str(path), line, "mcq", label or ("mcq-multi" if multi else "mcq-single"), messages,
@@ -335,11 +352,11 @@ def parse_row(row, path, line: int, *, kind: str | None = None, index_base: int 
             raise BenchmarkError(f"{where}: no prompt (messages, conversations, instruction, or one of "
                                  f"{', '.join(QUESTION_FIELDS)}, input, prompt, text)")
         if not isinstance(question, str):
-            raise BenchmarkError(f"{_where(path, line, q_field)}: the prompt must be a string")
+            raise BenchmarkError(f"{at(q_field)}: the prompt must be a string")
         turns = [{"role": "user", "content": question}]
     for i, m in enumerate(turns):
         if not isinstance(m["content"], str) or m["role"] not in ("system", "user", "assistant"):
-            raise BenchmarkError(f"{_where(path, line, 'messages')}: turn {i} needs a role "
+            raise BenchmarkError(f"{at('messages')}: turn {i} needs a role "
                                  "(system/user/assistant) and string content")
     gold_field, gold = _first(row, GOLD_FIELDS)
     if gold is None:
@@ -347,7 +364,8 @@ def parse_row(row, path, line: int, *, kind: str | None = None, index_base: int 
     if gold is None:
         raise BenchmarkError(f"{where}: no gold answer (looked for {', '.join(GOLD_FIELDS)} or a final "
                              "assistant turn)")
-    gwhere = _where(path, line, gold_field)
+    gwhere = at(gold_field)
+    raw_gold = gold
     task = row.get("task")
     lang = lang_of(" ".join(m["content"] for m in turns))
     extractor = "plain"
@@ -370,24 +388,37 @@ def parse_row(row, path, line: int, *, kind: str | None = None, index_base: int 
         gold = str(gold)
     elif not isinstance(gold, str):
         raise BenchmarkError(f"{gwhere}: a {kind} gold answer must be a string, got {type(gold).__name__}")
-    return Item(str(path), line, kind, label or kind, turns, gold, extractor=extractor, lang=lang, id=rid)
+    written = reply if isinstance(reply, str) else raw_gold if isinstance(raw_gold, str) else None
+    return Item(str(path), line, kind, label or kind, turns, gold, extractor=extractor, lang=lang, id=rid,
+                reply=written)
 
 
 def _detect_index_base(rows, path) -> int:
-    """0 or 1 for integer answers (MedMCQA "cop": 1-4 in the original release, 0-3 on the HF hub)."""
-    values, sizes = [], []
+    """0 or 1 for integer answers without ClassLabel metadata (docs/evaluation.md, "Answer indices").
+
+    MedMCQA-shaped rows (opa..opd and an integer cop) are 1-based, as in the original release, unless a cop
+    of 0 shows a 0-based export (the Hub's files declare cop a ClassLabel, which parse_row reads 0-based).
+    Other files: 0-based if any answer is 0, 1-based if any equals its option count, else 0-based with a
+    warning."""
+    values, sizes, medmcqa = [], [], True
     for _, row in rows:
         if not isinstance(row, dict):
             continue
-        _, v = _first(row, MCQ_ANSWER_FIELDS)
+        answer_field, v = _first(row, MCQ_ANSWER_FIELDS)
         if isinstance(v, int) and not isinstance(v, bool):
             values.append(v)
             _, opts = _first(row, OPTION_FIELDS)
             n = len(opts) if isinstance(opts, (list, dict)) else sum(
                 1 for k in MEDMCQA_OPTION_FIELDS if row.get(k) not in (None, ""))
             sizes.append(n)
+            medmcqa = medmcqa and answer_field == "cop" and all(k in row for k in MEDMCQA_OPTION_FIELDS[:4])
     if not values or 0 in values:
         return 0
+    if medmcqa:
+        if not any(v == n for v, n in zip(values, sizes)):
+            log.warning("%s: MedMCQA-shaped rows, cop never 0: reading cop as 1-based (the original release); "
+                        "pass --index-base 0 if this is a 0-based export", path)
+        return 1
     if any(v == n for v, n in zip(values, sizes)):
         return 1
     log.warning("%s: integer answers never reach 0 or the option count; assuming 0-based indices "
@@ -395,36 +426,65 @@ def _detect_index_base(rows, path) -> int:
     return 0
 
 
+def _source_rows(path: Path, split: str | None):
+    """[(name, unit, rows, class_labels)] of a benchmark source: a JSON file as before, anything else (tables,
+    folders, save_to_disk datasets) through data.sources."""
+    if path.is_file() and path.suffix.lower() in (".json", ".jsonl") and split is None:
+        return [(str(path), "line", _json_rows(path), {})]
+    out = []
+    try:
+        for source in source_files(path, split):
+            rows = []
+            for position, row in source.rows:
+                if isinstance(row, RowError):
+                    raise BenchmarkError(f"{_where(source.name, position, unit=source.unit)}: {row.reason}: "
+                                         f"{row.detail}")
+                rows.append((position, row))
+            labels = {k: f["names"] for k, f in (source.features or {}).items()
+                      if isinstance(f, dict) and f.get("_type") == "ClassLabel"}
+            out.append((source.name, source.unit, rows, labels))
+    except DataError as e:
+        raise BenchmarkError(str(e)) from None
+    return out
+
+
 def load_benchmark(path, *, kind=None, index_base="auto", instruction=None, on_bad_row="error",
-                   name: str | None = None):
-    """(items, skipped) of one benchmark file; skipped lists (line, message) when on_bad_row="skip"."""
+                   name: str | None = None, split: str | None = None):
+    """(items, skipped) of one benchmark: a json/jsonl/parquet/arrow/csv file, a folder of them, or a
+    save_to_disk dataset (`split` for a DatasetDict); skipped lists (line, message) when on_bad_row="skip"."""
     path = Path(path)
-    if not path.is_file():
-        raise BenchmarkError(f"{path}: no such file")
-    rows = _json_rows(path)
-    base = _detect_index_base(rows, path) if index_base == "auto" else int(index_base)
+    if not path.exists():
+        raise BenchmarkError(f"{path}: no such file or folder")
     items, skipped = [], []
-    for line, row in rows:
-        try:
-            item = parse_row(row, path, line, kind=kind, index_base=base, instruction=instruction)
-        except BenchmarkError as e:
-            if on_bad_row != "skip":
-                raise
-            skipped.append((line, str(e)))
-            continue
-        item.file = name or str(path)
-        items.append(item)
+    for file, unit, rows, labels in _source_rows(path, split):
+        base = _detect_index_base(rows, file) if index_base == "auto" else int(index_base)
+        for line, row in rows:
+            try:
+                item = parse_row(row, file, line, kind=kind, index_base=base, instruction=instruction, unit=unit,
+                                 class_labels=labels)
+            except BenchmarkError as e:
+                if on_bad_row != "skip":
+                    raise
+                skipped.append((line, str(e)))
+                continue
+            item.origin = _where(file, line, unit=unit)
+            item.file = name or str(path) + (f"[{split}]" if split else "")
+            items.append(item)
     if not items:
         raise BenchmarkError(f"{path}: no readable rows" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return items, skipped
 
 
 def load_all(files, *, kind=None, index_base="auto", instruction=None, on_bad_row="error", limit=None,
-             sample_seed=0):
+             sample_seed=0, split=None, totals: dict | None = None):
+    """(items, skipped) of several benchmarks; `totals`, if given, receives each benchmark's item count
+    before the seeded `limit` sample."""
     items, skipped = [], {}
     for f in files:
         its, sk = load_benchmark(f, kind=kind, index_base=index_base, instruction=instruction,
-                                 on_bad_row=on_bad_row)
+                                 on_bad_row=on_bad_row, split=split)
+        if totals is not None and its:
+            totals[its[0].file] = len(its)
         if limit is not None and len(its) > limit:
             its = sorted(random.Random(sample_seed).sample(its, limit), key=lambda it: it.line)
         items += its

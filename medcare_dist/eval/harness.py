@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medcare_dist.eval.benchmarks import KINDS, BenchmarkError, Item, load_all
-from medcare_dist.eval.scoring import IM_END, aggregate, clean_generation, markdown_table, score_generation, select_options
+from medcare_dist.eval.fewshot import DEFAULT_SEED as DEFAULT_FEWSHOT_SEED, add_fewshot
+from medcare_dist.eval.scoring import (
+    IM_END, aggregate, clean_generation, lm_eval_section, markdown_table, score_generation, select_options,
+)
 
 log = logging.getLogger("medcare_dist.eval.harness")
 
@@ -270,7 +273,8 @@ def normalized(option: dict, how: str) -> float:
 
 def _record(item: Item, scorer: str, res: dict) -> dict:
     return {"index": item.index, "file": item.file, "line": item.line, "id": item.id, "kind": item.kind,
-            "type": item.type, "scorer": scorer, "gold": item.gold, **res}
+            "type": item.type, "scorer": scorer, "gold": item.gold, **({"fewshot": item.fewshot} if item.fewshot else {}),
+            **res}
 
 
 def work_units(items, settings: EvalSettings) -> int:
@@ -379,10 +383,11 @@ def demo_inputs(run_dir):
 # ----- driver -----------------------------------------------------------------------------------------------
 
 def run_eval(model, tokenizer, files, settings: EvalSettings | None = None, output=None, *, rank=0, world=1,
-             device=None, load_kw=None, show_progress=True, meta=None, loaded=None):
+             device=None, load_kw=None, show_progress=True, meta=None, loaded=None, totals=None):
     """Evaluate `files` with the already loaded model; rank 0 returns (and writes) the results dict.
 
-    `loaded`: the (items, skipped) of `load_all(files, **load_kw)` when already read.
+    `loaded`: the (items, skipped) of `load_all(files, **load_kw)` when already read; `totals` the item
+    counts per benchmark before a --limit sample (for the lm-eval section).
     """
     from tqdm import tqdm
 
@@ -410,6 +415,7 @@ def run_eval(model, tokenizer, files, settings: EvalSettings | None = None, outp
         "items": len(items),
         "skipped_rows": {f: [{"line": l, "error": e} for l, e in sk] for f, sk in skipped.items()},
         "results": rows,
+        "lm_eval": lm_eval_section(records, totals or {}, settings.extra.get("num_fewshot", 0)),
     }
     if output is not None:
         out = Path(output)
@@ -429,7 +435,9 @@ def parse_args(argv=None):
         description="Evaluate a causal LM (a merged HF model, or a base + our adapters) on medical benchmark "
                     "files: multiple choice (option log-likelihood and/or generate-then-extract), extraction "
                     "(micro-F1), normalisation (exact match) and free text (ROUGE-L).")
-    p.add_argument("files", nargs="*", help="benchmark files (.json / .jsonl)")
+    p.add_argument("files", nargs="*", help="benchmarks: .json/.jsonl/.parquet/.arrow/.csv files, folders of them, "
+                                            "or save_to_disk folders")
+    p.add_argument("--split", default=None, help="the split of save_to_disk DatasetDict benchmarks")
     p.add_argument("--model", help="Hugging Face model directory (e.g. runs/demo/final, or merged_base with "
                                    "--adapters)")
     p.add_argument("--adapters", help="medcare-dist adapter directory to load on --model "
@@ -461,6 +469,13 @@ def parse_args(argv=None):
     p.add_argument("--index-base", choices=("auto", "0", "1"), default="auto",
                    help="integer answers are option indices from 0 or 1 (auto: detected per file)")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="K",
+                   help="put K solved examples before each item as earlier chat turns (lm-eval's "
+                        "--fewshot_as_multiturn); from --fewshot-file, else from the same benchmark")
+    p.add_argument("--fewshot-file", default=None, help="source of the examples (a dev split), any benchmark format")
+    p.add_argument("--fewshot-split", default=None, help="the split of a save_to_disk --fewshot-file")
+    p.add_argument("--fewshot-seed", type=int, default=DEFAULT_FEWSHOT_SEED,
+                   help=f"seed of the example draw (default {DEFAULT_FEWSHOT_SEED}, lm-eval's)")
     p.add_argument("--limit", type=int, default=None,
                    help="at most this many items per file: a seeded random sample, kept in file order")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the --limit sample")
@@ -495,12 +510,25 @@ def run_cli(argv=None):
         if not files:
             raise BenchmarkError("no benchmark files given")
         for f in files:
-            if not f.is_file():
-                raise BenchmarkError(f"{f}: no such file")
+            if not f.exists():
+                raise BenchmarkError(f"{f}: no such file or folder")
+        if args.num_fewshot < 0:
+            raise BenchmarkError(f"--num-fewshot {args.num_fewshot}: must be 0 or more")
+        if args.fewshot_file and not args.num_fewshot:
+            raise BenchmarkError("--fewshot-file given with --num-fewshot 0: no example would be used")
         # Read every file before loading a model: a bad row fails in a second, not after minutes.
         load_kw = dict(kind=args.kind, index_base=args.index_base, instruction=args.instruction,
-                       on_bad_row=args.on_bad_row, limit=args.limit, sample_seed=args.sample_seed)
-        loaded = load_all(files, **load_kw)
+                       on_bad_row=args.on_bad_row, limit=args.limit, sample_seed=args.sample_seed, split=args.split)
+        totals = {}
+        loaded = load_all(files, **load_kw, totals=totals)
+        if args.num_fewshot:
+            if args.fewshot_file:
+                pool, _ = load_all([Path(args.fewshot_file)], kind=args.kind, index_base=args.index_base,
+                                   instruction=args.instruction, on_bad_row=args.on_bad_row, split=args.fewshot_split)
+            else:  # the whole benchmark (not only a --limit sample); an item is never its own example
+                pool, _ = load_all(files, **{**load_kw, "limit": None})
+            add_fewshot(loaded[0], pool, args.num_fewshot, seed=args.fewshot_seed, answer_prefix=args.answer_prefix,
+                        target=args.loglik_target)
         rank, world = setup_distributed()
         model, tokenizer, device = load_model(model_dir, adapters, args.dtype, args.device, not args.no_merge)
         settings = EvalSettings(scorer=args.scorer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -509,11 +537,13 @@ def run_cli(argv=None):
                                 multi_select=args.multi_select,
                                 multi_threshold=args.multi_threshold,
                                 extra={"limit": args.limit, "sample_seed": args.sample_seed, "kind": args.kind,
+                                       "split": args.split, "num_fewshot": args.num_fewshot,
+                                       "fewshot_file": args.fewshot_file, "fewshot_seed": args.fewshot_seed,
                                        "index_base": args.index_base, "dtype": args.dtype,
                                        "merged_adapters": bool(adapters) and not args.no_merge})
         meta = {"model": str(model_dir), "adapters": str(adapters) if adapters else None}
         result = run_eval(model, tokenizer, files, settings, output or "eval_results", rank=rank, world=world,
-                          device=device, show_progress=not args.quiet, meta=meta, loaded=loaded)
+                          device=device, show_progress=not args.quiet, meta=meta, loaded=loaded, totals=totals)
     except (BenchmarkError, AdapterCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -202,6 +202,36 @@ def select_options(norm_scores: dict, multi: bool, mode: str = "threshold", thre
 # ----- aggregation and report -------------------------------------------------------------------------------
 
 METRIC_OF_KIND = {"mcq": "accuracy", "exact": "accuracy", "text": "rouge_l", "set": "micro_f1"}
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def mean_stderr(values) -> float | None:
+    """Standard error of a mean: sample standard deviation (n - 1) over sqrt(n), lm-eval's mean_stderr."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+
+
+def bootstrap_f1_stderr(records, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float | None:
+    """Standard error of a corpus-level micro-F1 by a seeded bootstrap over items (F1 is not a mean)."""
+    import random
+
+    n = len(records)
+    if n < 2:
+        return None
+    rng = random.Random(seed)
+    counts = [(r["tp"], r["fp"], r["fn"]) for r in records]
+    scores = []
+    for _ in range(resamples):
+        tp = fp = fn = 0
+        for _ in range(n):
+            a, b, c = counts[rng.randrange(n)]
+            tp, fp, fn = tp + a, fp + b, fn + c
+        scores.append(micro_f1(tp, fp, fn)[2])
+    mu = sum(scores) / resamples
+    return math.sqrt(sum((x - mu) ** 2 for x in scores) / (resamples - 1))
 
 
 def _group_stats(records) -> dict:
@@ -212,10 +242,11 @@ def _group_stats(records) -> dict:
     if kinds == {"set"}:
         tp, fp, fn = (sum(r[k] for r in records) for k in ("tp", "fp", "fn"))
         p, rc, f1 = micro_f1(tp, fp, fn)
-        stats.update(metric="micro_f1", score=f1, precision=p, recall=rc,
+        stats.update(metric="micro_f1", score=f1, stderr=bootstrap_f1_stderr(records), precision=p, recall=rc,
                      exact_set=sum(r["exact"] for r in records) / n)
     elif len(metrics) == 1:
-        stats.update(metric=metrics.pop(), score=sum(r["score"] for r in records) / n)
+        scores = [r["score"] for r in records]
+        stats.update(metric=metrics.pop(), score=sum(scores) / n, stderr=mean_stderr(scores))
         if kinds == {"text"}:
             stats["exact_match"] = sum(r["exact"] for r in records) / n
     else:
@@ -243,17 +274,52 @@ def aggregate(records, skipped=None) -> list:
         per_file = [r for r in rows if r["type"] == "all" and r["scorer"] == s]
         if len(per_file) > 1 and all(r["score"] is not None for r in per_file) and \
                 len({r["metric"] for r in per_file}) == 1:
+            errors = [r.get("stderr") for r in per_file]
+            stderr = None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(per_file)
             rows.append({"file": "ALL", "type": "mean over files", "scorer": s, "metric": per_file[0]["metric"],
                          "n": sum(r["n"] for r in per_file), "unparsed": sum(r["unparsed"] for r in per_file),
-                         "score": sum(r["score"] for r in per_file) / len(per_file)})
+                         "score": sum(r["score"] for r in per_file) / len(per_file), "stderr": stderr})
     return rows
 
 
 def markdown_table(rows) -> str:
-    out = ["| file | type | scorer | metric | n | score | unparsed |", "|---|---|---|---|---|---|---|"]
+    out = ["| file | type | scorer | metric | n | score ± stderr | unparsed |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         score = "—" if r["score"] is None else f"{100 * r['score']:.2f}"
+        if r["score"] is not None and r.get("stderr") is not None:
+            score += f" ± {100 * r['stderr']:.2f}"
         name = Path(r["file"]).name if r["type"] in ("all", "mean over files") else ""
         out.append(f"| {name} | {r['type']} | {r['scorer']} | "
                    f"{r['metric']} | {r['n']} | {score} | {r['unparsed']} |")
     return "\n".join(out) + "\n"
+
+
+def lm_eval_section(records, totals: dict, num_fewshot: int) -> dict:
+    """The multiple-choice results in lm-eval's results.json layout: per benchmark (task = file name without
+    suffix) acc (argmax of the summed option log-likelihoods) and acc_norm (argmax of the sum per character
+    of the continuation) with their standard errors, from the log-likelihood scorer's single-answer items."""
+    import numpy as np
+
+    by_task = defaultdict(list)
+    for r in records:
+        if r["scorer"] == "loglik" and r["kind"] == "mcq" and len(r["gold"]) == 1:
+            by_task[r["file"]].append(r)
+    out = {"results": {}, "n-shot": {}, "n-samples": {}, "higher_is_better": {}}
+    for file, recs in by_task.items():
+        task = Path(file).name.rsplit(".", 1)[0] if Path(file).suffix else Path(file).name
+        acc, acc_norm = [], []
+        for r in recs:
+            letters = list(r["option_logliks"])
+            lls = np.array([r["option_logliks"][l]["sum"] for l in letters])
+            chars = np.array([float(r["option_logliks"][l]["chars"]) for l in letters])
+            gold = letters.index(r["gold"][0])
+            acc.append(float(np.argmax(lls) == gold))
+            acc_norm.append(float(np.argmax(lls / chars) == gold))
+        out["results"][task] = {"alias": task, "acc,none": sum(acc) / len(acc), "acc_stderr,none": mean_stderr(acc),
+                                "acc_norm,none": sum(acc_norm) / len(acc_norm),
+                                "acc_norm_stderr,none": mean_stderr(acc_norm)}
+        out["n-shot"][task] = num_fewshot
+        # lm-eval's "original" is the benchmark's size, "effective" what was scored (after --limit).
+        out["n-samples"][task] = {"original": totals.get(file, len(recs)), "effective": len(recs)}
+        out["higher_is_better"][task] = {"acc": True, "acc_norm": True}
+    return out
