@@ -332,15 +332,17 @@ def test_a_persistence_threshold_that_partitions_adapters_is_named_before_comput
     assert "partitions adapter tensors" in proc.stderr
 
 
-def test_merged_base_generates_until_the_end_of_turn_and_its_files_are_group_readable(killed_runs):
+def test_model_dirs_generate_until_the_end_of_turn_and_their_files_are_group_readable(killed_runs, tiny_assets):
     merged = killed_runs["stage2"] / "merged_base"
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(merged)
-    gen = json.loads((merged / "generation_config.json").read_text())
-    stops = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
-    assert tok.convert_tokens_to_ids("<|im_end|>") in stops          # PeftModel.generate on it stops at the turn
-    assert json.loads((merged / "config.json").read_text())["use_cache"] is True
+    for model_dir in (merged, tiny_assets["base"]):  # what the pipeline merges, and the demo base it builds
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        gen = json.loads((model_dir / "generation_config.json").read_text())
+        stops = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+        assert tok.convert_tokens_to_ids("<|im_end|>") in stops, model_dir  # PeftModel.generate stops at the turn
+        assert tok.eos_token_id in stops, model_dir
+        assert json.loads((model_dir / "config.json").read_text())["use_cache"] is True, model_dir
     umask = os.umask(0)
     os.umask(umask)
     for path in [merged / "model.safetensors", merged / "knowledge_adapters" / "adapters.safetensors",

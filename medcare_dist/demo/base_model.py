@@ -138,6 +138,9 @@ def build_demo_base(out_dir, tokenizer, tiny_cfg, seed: int, steps: int = 300, s
              "final LM loss %.3f",
              data.numel(), steps, loss.item())
     model.eval()
+    from medcare_dist.export import prepare_for_release
+
+    prepare_for_release(model, tokenizer)  # like every model directory a run writes: stops at <|im_end|>
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
