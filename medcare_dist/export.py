@@ -166,6 +166,9 @@ def _copy_tokenizer(src, dst):
 
 
 def _publish(tmp: Path, final: Path):
+    from medcare_dist.training.integrity import share_modes
+
+    share_modes(tmp)  # readable by the group as the umask allows, not save_pretrained's 0600
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -1,6 +1,7 @@
 """Exports reloaded by transformers / PEFT alone give the in-project model's logits."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -151,6 +152,10 @@ def test_cli_on_a_run_directory(tmp_path, ids, capsys):
         torch.testing.assert_close(hf(ids).logits, ours, atol=ATOL, rtol=0)
     main(["peft", "--run", str(tmp_path), "--out", str(tmp_path / "p")])
     assert (tmp_path / "p" / "adapter_model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*(tmp_path / "export" / "hf").iterdir(), *(tmp_path / "p").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
     with pytest.raises(SystemExit):
         main(["peft", "--run", str(tmp_path / "nothing")])
     assert "no merged_base" in capsys.readouterr().err
