@@ -120,6 +120,8 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
+    # Targets: short names (q_proj, matched on every layer), `all` (every linear of the attention / MLP
+    # blocks), or regular expressions matched in full against the module name (PEFT's rule for a string).
     attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     attn_rank: int = 16
     attn_alpha: float = 32.0
@@ -580,8 +582,13 @@ def check_data_sources(cfg: RunConfig) -> list[str]:
 
 
 def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
+    from medcare_dist.method.targets import pattern_error
+
     def fail(path: str, msg: str):
-        raise ConfigError(f"{origins.get(path, _DEFAULT).describe()}: {path}: {msg}")
+        where = path
+        while where not in origins and where.endswith("]"):  # a list item without its own origin: its list's
+            where = where[:where.rindex("[")]
+        raise ConfigError(f"{origins.get(where, _DEFAULT).describe()}: {path}: {msg}")
 
     def positive(path: str, value):
         if not value > 0:
@@ -661,9 +668,12 @@ def _validate(cfg: RunConfig, origins: dict[str, _Origin]) -> None:
         for i, target in enumerate(targets):
             if not target.strip():
                 fail(f"adapters.{name}[{i}]", "must not be empty")
+            bad = pattern_error(target)
+            if bad:
+                fail(f"adapters.{name}[{i}]", f"{target!r} is {bad}")
         if len(set(targets)) != len(targets):
             fail(f"adapters.{name}", f"names a module twice: {targets}")
-    both = sorted(set(a.attn_targets) & set(a.mlp_targets))
+    both = sorted((set(a.attn_targets) & set(a.mlp_targets)) - {"all"})  # `all` means each block's own layers
     if both:
         fail("adapters.mlp_targets", f"{both} also in attn_targets: a linear layer takes one adapter")
 

@@ -248,7 +248,7 @@ class Pipeline:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from medcare_dist.config import ConfigError
-        from medcare_dist.method.injection import check_adapter_fit
+        from medcare_dist.method.injection import check_adapter_fit, describe_targets, resolved_targets
 
         trust = self.cfg.model.trust_remote_code
         config = AutoConfig.from_pretrained(str(self.base_path), local_files_only=True, trust_remote_code=trust)
@@ -261,6 +261,8 @@ class Pipeline:
         if problems:
             raise ConfigError(f"the adapters do not fit {self.base_path} ({config.model_type}):\n  "
                               + "\n  ".join(problems))
+        if self.rank == 0:
+            log.info("adapter targets: %s", describe_targets(resolved_targets(skeleton, self.cfg.adapters)))
         torch.manual_seed(0)
         with torch.device("meta"):
             add_stage1_adapters(skeleton, self.cfg.adapters)

@@ -169,6 +169,13 @@ def _adapter_value(adapters, name, default):
     return getattr(adapters, name, default) if adapters is not None else default
 
 
+def _selects(targets, qualified: str, field: str) -> bool:
+    """Whether adapter targets (short names, `all`, regular expressions) select this Qwen/Llama module."""
+    from medcare_dist.method.targets import target_matches
+
+    return any(target_matches(t, qualified, field) for t in targets)
+
+
 def build_model(shape: ModelShape, adapters=None, stage: int = 1) -> tuple[Module, dict]:
     """The module tree of the model DeepSpeed sees in `stage` (1: attention LoRA + mixture-of-LoRA MLPs;
     2: merged attention, Knowledge Aggregator + alignment LoRA on the MLPs); and a name -> Module map."""
@@ -209,13 +216,13 @@ def build_model(shape: ModelShape, adapters=None, stage: int = 1) -> tuple[Modul
                                      P(f"{name}.align_B", d_out * ra, True)], leaf=True)
         return mod(name, base)
 
-    def kind_of(proj):
+    def kind_of(qualified):
         if stage == 1:
-            if proj in a.attn_targets:
+            if _selects(a.attn_targets, qualified, "attn_targets"):
                 return "lora"
-            if proj in a.mlp_targets:
+            if _selects(a.mlp_targets, qualified, "mlp_targets"):
                 return "mixture"
-        elif proj in a.mlp_targets:
+        elif _selects(a.mlp_targets, qualified, "mlp_targets"):
             return "orthogonal"
         return "plain"
 
@@ -224,14 +231,14 @@ def build_model(shape: ModelShape, adapters=None, stage: int = 1) -> tuple[Modul
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}"
         attn = mod(f"{p}.self_attn", children=[
-            linear(f"{p}.self_attn.q_proj", h, q_out, shape.qkv_bias, kind_of("q_proj")),
-            linear(f"{p}.self_attn.k_proj", h, kv_out, shape.qkv_bias, kind_of("k_proj")),
-            linear(f"{p}.self_attn.v_proj", h, kv_out, shape.qkv_bias, kind_of("v_proj")),
-            linear(f"{p}.self_attn.o_proj", q_out, h, False, kind_of("o_proj"))])
+            linear(f"{p}.self_attn.q_proj", h, q_out, shape.qkv_bias, kind_of(f"{p}.self_attn.q_proj")),
+            linear(f"{p}.self_attn.k_proj", h, kv_out, shape.qkv_bias, kind_of(f"{p}.self_attn.k_proj")),
+            linear(f"{p}.self_attn.v_proj", h, kv_out, shape.qkv_bias, kind_of(f"{p}.self_attn.v_proj")),
+            linear(f"{p}.self_attn.o_proj", q_out, h, False, kind_of(f"{p}.self_attn.o_proj"))])
         mlp = mod(f"{p}.mlp", children=[
-            linear(f"{p}.mlp.gate_proj", h, inter, False, kind_of("gate_proj")),
-            linear(f"{p}.mlp.up_proj", h, inter, False, kind_of("up_proj")),
-            linear(f"{p}.mlp.down_proj", inter, h, False, kind_of("down_proj")),
+            linear(f"{p}.mlp.gate_proj", h, inter, False, kind_of(f"{p}.mlp.gate_proj")),
+            linear(f"{p}.mlp.up_proj", h, inter, False, kind_of(f"{p}.mlp.up_proj")),
+            linear(f"{p}.mlp.down_proj", inter, h, False, kind_of(f"{p}.mlp.down_proj")),
             mod(f"{p}.mlp.act_fn")])
         layers.append(mod(p, children=[mod(f"{p}.input_layernorm", [P(f"{p}.input_layernorm.weight", h)]), attn,
                                        mod(f"{p}.post_attention_layernorm",
@@ -468,17 +475,20 @@ def activation_bytes_per_layer(shape: ModelShape, adapters, stage: int, tokens: 
     total += batch * shape.num_attention_heads * seq * 4  # log-sum-exp
     total += T * h * w                           # MLP input, shared by gate/up
     total += 4 * T * i * w                       # gate out, SiLU out, up out, product (down_proj input)
+    n_mlp = sum(_selects(adapters.mlp_targets, f"model.layers.0.mlp.{n}", "mlp_targets")
+                for n in ("gate_proj", "up_proj", "down_proj"))
     if stage == 1:
         r, E, rs = adapters.attn_rank, adapters.num_experts, adapters.shared_rank
-        n_attn = len([t for t in adapters.attn_targets if t in ("q_proj", "k_proj", "v_proj", "o_proj")])
+        n_attn = sum(_selects(adapters.attn_targets, f"model.layers.0.self_attn.{n}", "attn_targets")
+                     for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         if adapters.attn_dropout > 0:
             total += n_attn * T * h * (w + 1)    # each LoRA's dropped-out input and mask
         total += n_attn * T * r * w
         width = rs + E * adapters.expert_rank
-        total += len(adapters.mlp_targets) * (2 * T * width * w + 2 * T * E * 4)  # shrink out, gated; router
+        total += n_mlp * (2 * T * width * w + 2 * T * E * 4)  # shrink out, gated; router
     else:
         width = adapters.shared_rank + adapters.align_rank
-        total += len(adapters.mlp_targets) * 2 * T * width * w
+        total += n_mlp * 2 * T * width * w
     return float(total)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from medcare_dist.method.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
+from medcare_dist.method.targets import pattern_error, target_matches
 
 
 def adapter_layers(model: nn.Module, kind=_AdapterBase):
@@ -25,56 +26,85 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(parent, child, new)
 
 
-def _linears_by_name(model: nn.Module) -> dict[str, list[tuple[str, nn.Linear]]]:
-    """Short name (q_proj, ...) -> [(qualified name, linear)] of every nn.Linear of the model."""
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            out.setdefault(n.rpartition(".")[2], []).append((n, m))
+def resolve_targets(model: nn.Module, targets, field: str) -> tuple[list, list[str]]:
+    """([(qualified name, linear)] the `field` targets select, in model order; problems naming each target
+    that selects nothing or is not a valid regular expression). lm_head is never a target."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    problems = []
+    for i, target in enumerate(targets):
+        where = f"adapters.{field}[{i}]={target!r}"
+        bad = pattern_error(target)
+        if bad:
+            problems.append(f"{where}: {bad}")
+            continue
+        if not any(target_matches(target, n, field) for n, _ in linears):
+            short = sorted({n.rpartition(".")[2] for n, _ in linears})
+            problems.append(f"{where}: selects no nn.Linear of this model (its linear layers: {', '.join(short)}; "
+                            "a target is a short name, `all`, or a regular expression on the full name)")
+    valid = [t for t in targets if pattern_error(t) is None]
+    chosen = [(n, m) for n, m in linears if any(target_matches(t, n, field) for t in valid)]
+    return chosen, problems
+
+
+def resolved_targets(model: nn.Module, cfg) -> dict[str, list]:
+    """{"attn_targets": [(name, linear)], "mlp_targets": [...]}; ValueError naming every problem (a target
+    selecting nothing, a bad pattern, a layer selected for both adapters)."""
+    out, problems = {}, []
+    for field in ("attn_targets", "mlp_targets"):
+        out[field], found = resolve_targets(model, getattr(cfg, field), field)
+        problems += found
+    both = sorted({n for n, _ in out["attn_targets"]} & {n for n, _ in out["mlp_targets"]})
+    if both:
+        problems.append(f"adapters.attn_targets and adapters.mlp_targets both select {both[0]}"
+                        + (f" (and {len(both) - 1} more)" if len(both) > 1 else "") + ": a layer takes one adapter")
+    if problems:
+        raise ValueError("\n".join(problems))
     return out
 
 
-def _targets(model: nn.Module, names, what: str):
-    linears = _linears_by_name(model)
-    missing = [n for n in names if n not in linears]
-    if missing:
-        raise ValueError(f"no nn.Linear named {missing} for the {what}; this model's linear layers are "
-                         f"{sorted(linears)}")
-    return [pair for n in names for pair in linears[n]]
+def describe_targets(targets: dict) -> str:
+    """One line per adapter kind: how many layers, under which short names (for the log)."""
+    from collections import Counter
+
+    lines = []
+    for field, what in (("attn_targets", "attention LoRA"), ("mlp_targets", "mixture-of-LoRA")):
+        counts = Counter(n.rpartition(".")[2] for n, _ in targets[field])
+        lines.append(f"{what} on {len(targets[field])} layers: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    return "; ".join(lines)
 
 
 def check_adapter_fit(model: nn.Module, cfg) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the stage-1 and stage-2 adapter settings `cfg` on this model's shapes.
 
     Runs on a meta-device model before anything is computed. A problem names the recipe field: a target
-    with no linear layer of that name, or an alignment rank the complement of the knowledge subspace
+    that selects no linear layer (resolve_targets), or an alignment rank the complement of the knowledge subspace
     (in_features - shared_rank) cannot hold. A rank above min(in, out) is only a warning: legal, but
     the extra rank adds parameters and no expressiveness.
     """
-    linears = _linears_by_name(model)
+    try:
+        targets = resolved_targets(model, cfg)
+    except ValueError as e:
+        return str(e).split("\n"), []
     problems, warnings = [], []
-    for field in ("attn_targets", "mlp_targets"):
-        for i, name in enumerate(getattr(cfg, field)):
-            if name not in linears:
-                problems.append(f"adapters.{field}[{i}]={name!r}: this model has no nn.Linear of that name "
-                                f"(its linear layers: {', '.join(sorted(linears))})")
     ranks = {"attn_targets": ("attn_rank",), "mlp_targets": ("expert_rank", "shared_rank")}
     for field, rank_fields in ranks.items():
-        for name in getattr(cfg, field):
-            for qualified, lin in linears.get(name, [])[:1]:  # every layer has the same shape
-                limit = min(lin.in_features, lin.out_features)
-                for rf in rank_fields:
-                    if getattr(cfg, rf) > limit:
-                        warnings.append(f"adapters.{rf}={getattr(cfg, rf)} exceeds min(in, out) = {limit} of "
-                                        f"{qualified}")
-                if field == "mlp_targets" and cfg.orthogonality in ("hard", "both"):
-                    room = lin.in_features - cfg.shared_rank
-                    if cfg.align_rank > room:
-                        problems.append(
-                            f"adapters.align_rank={cfg.align_rank}: stage 2 keeps the alignment LoRA of {name} "
-                            f"orthogonal to the {cfg.shared_rank}-dimensional knowledge subspace of its "
-                            f"{lin.in_features} inputs, which leaves room for rank {max(room, 0)} at most "
-                            f"(or lower adapters.shared_rank)")
+        first_of_name = {}
+        for qualified, lin in targets[field]:
+            first_of_name.setdefault(qualified.rpartition(".")[2], (qualified, lin))
+        for name, (qualified, lin) in first_of_name.items():  # every layer of one name has the same shape
+            limit = min(lin.in_features, lin.out_features)
+            for rf in rank_fields:
+                if getattr(cfg, rf) > limit:
+                    warnings.append(f"adapters.{rf}={getattr(cfg, rf)} exceeds min(in, out) = {limit} of "
+                                    f"{qualified}")
+            if field == "mlp_targets" and cfg.orthogonality in ("hard", "both"):
+                room = lin.in_features - cfg.shared_rank
+                if cfg.align_rank > room:
+                    problems.append(
+                        f"adapters.align_rank={cfg.align_rank}: stage 2 keeps the alignment LoRA of {name} "
+                        f"orthogonal to the {cfg.shared_rank}-dimensional knowledge subspace of its "
+                        f"{lin.in_features} inputs, which leaves room for rank {max(room, 0)} at most "
+                        f"(or lower adapters.shared_rank)")
     return problems, warnings
 
 
@@ -82,9 +112,10 @@ def add_stage1_adapters(model: nn.Module, cfg) -> nn.Module:
     """Freeze the model; LoRA on attention targets, mixture-of-LoRA on MLP targets."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, lin in _targets(model, cfg.attn_targets, "attention LoRA"):
+    targets = resolved_targets(model, cfg)
+    for name, lin in targets["attn_targets"]:
         replace_module(model, name, LoRALinear(lin, cfg.attn_rank, cfg.attn_alpha, cfg.attn_dropout, role="attention"))
-    for name, lin in _targets(model, cfg.mlp_targets, "mixture-of-LoRA"):
+    for name, lin in targets["mlp_targets"]:
         replace_module(model, name, MixtureOfLoRALinear(
             lin, cfg.expert_rank, cfg.expert_alpha, cfg.num_experts, cfg.top_k, cfg.shared_rank,
             cfg.expert_dropout, cfg.router_aux_loss_coef))
