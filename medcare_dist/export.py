@@ -202,12 +202,16 @@ def export_peft_from_model(model, out_dir, base_model_name_or_path=None) -> Path
 
 def prepare_for_release(model, tokenizer=None):
     """The config a saved model is loaded and generated with: KV cache on (training turns it off) and
-    generation stopping at <|im_end|> as well as at eos, so generate (plain or through PEFT) ends the turn."""
+    generation stopping at <|im_end|> as well as at eos and the base's own stops, so generate (plain or through
+    PEFT) ends the turn."""
     model.config.use_cache = True
     gen = model.generation_config
     if tokenizer is not None:
         stops = [tokenizer.convert_tokens_to_ids(IM_END)] if IM_END in tokenizer.get_vocab() else []
         stops += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        # Keep the base's own stops too (Llama 3.1: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
+        stops += gen.eos_token_id if isinstance(gen.eos_token_id, list) else (
+            [gen.eos_token_id] if gen.eos_token_id is not None else [])
         if stops:
             gen.eos_token_id = list(dict.fromkeys(stops)) if len(set(stops)) > 1 else stops[0]
         if tokenizer.pad_token_id is not None:

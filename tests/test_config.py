@@ -29,7 +29,8 @@ def error_of(recipe, overrides=()) -> str:
 # --------------------------------------------------------------------------- recipes
 
 
-@pytest.mark.parametrize("name", ["demo", "qwen1.5-1.8b", "qwen1.5-7b", "qwen1.5-14b", "small-chat"])
+@pytest.mark.parametrize("name", ["demo", "qwen1.5-1.8b", "qwen1.5-7b", "qwen1.5-14b", "small-chat", "qwen2.5-7b",
+                                  "qwen3-8b", "llama-3.1-8b"])
 def test_recipes_load(name):
     cfg = load_config(str(RECIPES / f"{name}.yaml"))
     assert isinstance(cfg, RunConfig)
@@ -38,6 +39,18 @@ def test_recipes_load(name):
     assert cfg.adapters.noise_drop_prob == 0.5
     assert cfg.to_dict()["adapters"]["top_k"] == cfg.adapters.top_k
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # to_dict round-trips
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "llama-3.1-8b"])
+def test_family_recipes_are_the_paper_recipe_on_another_model(name):
+    from medcare_dist.cluster.planner import PRESETS
+
+    cfg, paper = load_config(str(RECIPES / f"{name}.yaml")), load_config(str(RECIPES / "qwen1.5-7b.yaml"))
+    mine, ref = cfg.to_dict(), paper.to_dict()
+    for d in (mine, ref):
+        d.pop("output_dir"), d["model"].pop("path")
+    assert mine == ref and cfg.output_dir == f"runs/medcare-{name}"
+    assert name in PRESETS and f"--model {name}" in (RECIPES / f"{name}.yaml").read_text()
 
 
 @pytest.mark.parametrize("size", ["1.8B", "7B", "14B"])
