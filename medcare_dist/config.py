@@ -173,7 +173,12 @@ class DeepSpeedSection:
 @dataclass
 class LoggingConfig:
     log_every: int = 1
-    tensorboard: bool = True
+    # Experiment trackers, written by rank 0: TensorBoard under <output_dir>/tensorboard, Weights & Biases
+    # (the wandb extra; WANDB_MODE=offline writes under <output_dir>/wandb), MLflow (the mlflow extra).
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    run_name: str = ""             # the trackers' run name; "": the output_dir's name
+    project: str = "medcare-dist"  # the wandb project / MLflow experiment
+    mlflow_tracking_uri: str = ""  # "": MLFLOW_TRACKING_URI if set, else a file store in <output_dir>/mlruns
     keep_last: int = 2
     progress_bar: bool = True
     peak_tflops: float = 0.0  # one device's peak for MFU; 0: the GPU's dense bf16 peak from a table (none on CPU)
@@ -223,6 +228,12 @@ class RunConfig:
         """Rebuild (and re-validate) a configuration, e.g. one saved with to_dict()."""
         return _finish(_from_python(data, _Origin(source)))
 
+
+# Keys that no longer exist, and what replaced them: a recipe that still has one stops with this message.
+REPLACED_KEYS = {
+    "logging.tensorboard": "logging.report_to, a list of trackers: [tensorboard] (the default), "
+                           "[tensorboard, wandb, mlflow], or [] for none",
+}
 
 # Spellings accepted for enum fields, mapped to the canonical value.
 _ALIASES = {
@@ -419,6 +430,8 @@ class _Builder:
                 prefix = f"{path}." if path else ""
                 close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
                 elsewhere = [p for p in _schema_paths(RunConfig) if p.rsplit(".", 1)[-1] == key]
+                if dotted in REPLACED_KEYS:
+                    self.fail(child.origin, dotted, f"this key was replaced by {REPLACED_KEYS[dotted]}")
                 if _SYNONYMS.get(key) in fields:
                     hint = f"did you mean '{prefix}{_SYNONYMS[key]}'?"
                 elif close:

@@ -12,6 +12,7 @@ stage from its newest complete checkpoint:
 """
 
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -118,11 +119,18 @@ class Pipeline:
                      ", ".join(self._leftovers[:5]))
         self.dtype = resolve_dtype(cfg.model.dtype, device_type())
         self.steps = STEPS[str(cfg.stage)]
-        self.tb = None
-        if self.rank == 0 and cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.trackers = None
+        missing = [n for n in cfg.logging.report_to if n != "tensorboard" and importlib.util.find_spec(n) is None]
+        if missing:  # on every rank, so that all stop alike
+            from medcare_dist.training.trackers import TrackerError
 
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            raise TrackerError(f"logging.report_to names {', '.join(missing)}, not installed; pip install "
+                               + " ".join(f"'medcare-dist[{n}]'" for n in missing))
+        if self.rank == 0 and cfg.logging.report_to:
+            from medcare_dist.training.trackers import Trackers
+
+            self.trackers = Trackers(cfg.logging.report_to, self.out, cfg.logging.run_name or self.out.name,
+                                     cfg.to_dict(), cfg.logging)
         self.results: dict[str, dict] = {}
         self._stage1_rows_cache = None
         self._data: dict[str, tuple] = {}
@@ -571,7 +579,7 @@ class Pipeline:
         model.enable_input_require_grads()
         mark_adapter_leaf_modules(model, ds_config)
         trainer = StageTrainer(stage, model, dataset, collate, stage_cfg, ds_config, self.out / stage, self.rank,
-                               self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.tb,
+                               self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.trackers,
                                self.cfg.fault_tolerance.max_nonfinite_steps,
                                self._resume_signature(stage, stage_cfg, data_key),
                                noise_drop_prob=self.cfg.adapters.noise_drop_prob if stage == "stage1" else 0.0,
@@ -756,8 +764,12 @@ class Pipeline:
             report = write_report(self.cfg, self.out, self._stage1_dir(), time.perf_counter() - t0,
                                   self.demo_assets, self.base_path, reference)
             log.info("report: %s", self.out / "report.md")
-        if self.tb is not None:
-            self.tb.close()
+        if self.trackers is not None:
+            if report is not None:
+                from medcare_dist.training.trackers import final_metrics
+
+                self.trackers.summary(final_metrics(report))
+            self.trackers.close()
         barrier()
         return report
 

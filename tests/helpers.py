@@ -15,7 +15,7 @@ SMALL = {
     "data.max_length": 96, "adapters.attn_dropout": 0.0, "adapters.router_aux_loss_coef": 0.01,
     "stage1.max_steps": 5, "stage2.max_steps": 3, "stage1.micro_batch_size": 4, "stage1.global_batch_size": 8,
     "stage2.micro_batch_size": 4, "stage2.global_batch_size": 8, "stage1.save_every": 2, "stage2.save_every": 0,
-    "logging.tensorboard": False, "logging.progress_bar": False, "logging.log_every": 1,
+    "logging.report_to": "[]", "logging.progress_bar": False, "logging.log_every": 1,
     "data.stage2_replay": 0.5,  # stage 2 replays stage-1 rows (the demo recipe's 1.0 would double its rows)
     "data.val_size": 0.05, "stage1.eval_every": 5,  # stage 1 holds out 5 % of its rows, validated at its end
 }

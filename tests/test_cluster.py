@@ -12,7 +12,6 @@ training run preempted by SIGUSR1, requeued and resumed.
 
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -461,12 +460,32 @@ def test_dockerfile_parses_and_names_only_existing_files():
         for src in parts[:-1]:
             assert (REPO / src).exists(), f"{i} {src}: no such file in the repository"
             assert src.rstrip("/") not in ignored, f"{src} is excluded by .dockerignore"
-    # the pinned versions are the project's
-    pyproject = (REPO / "pyproject.toml").read_text()
-    for pin in re.findall(r'(torch|deepspeed|flash-attn)==([0-9.]+)', text):
-        assert f'"{pin[0]}=={pin[1]}"' in pyproject, pin
+    # every pip install of the image goes through the lock
+    installs = [c for i, a in ins if i == "RUN" for c in a.split("&&") if "pip install" in c and "--upgrade" not in c]
+    assert installs and all("requirements.lock" in c or "--no-deps" in c for c in installs), installs
     entry = " ".join(a for i, a in ins if i in ("ENTRYPOINT", "CMD"))
     assert "deepspeed" in entry and "launch/train.py" in entry
+
+
+def test_the_lock_satisfies_pyproject_and_pins_everything_it_names():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lock = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and " " not in version, f"requirements.lock: {line!r} is not an exact pin"
+            lock[name.lower().replace("_", "-")] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    for spec in wanted:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in lock, f"{req.name} is in pyproject.toml but not pinned in requirements.lock"
+        assert req.specifier.contains(lock[name], prereleases=True), f"{spec}: the lock pins {lock[name]}"
+    assert lock["torch"] == "2.13.0"  # no local label: the CUDA and CPU builds of one release both satisfy it
 
 
 def test_hostfile_example_is_what_deepspeed_reads():

@@ -179,7 +179,7 @@ class StageTrainer:
     """Trains the adapter parameters of `model` on `dataset` for one stage."""
 
     def __init__(self, name, model, dataset, collate, stage_cfg, ds_config, out_dir, rank, world_size,
-                 seed, logging_cfg, measure_orthogonality=False, tb_writer=None, max_nonfinite_steps=3,
+                 seed, logging_cfg, measure_orthogonality=False, trackers=None, max_nonfinite_steps=3,
                  resume_signature=None, noise_drop_prob=0.0, eval_dataset=None):
         import deepspeed
 
@@ -191,7 +191,7 @@ class StageTrainer:
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.measure_orthogonality = measure_orthogonality
-        self.tb = tb_writer
+        self.trackers = trackers
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.global_batch = ds_config["train_batch_size"]
@@ -474,8 +474,8 @@ class StageTrainer:
         if self.rank == 0:
             log.info("%s step %d/%d val_loss %.4f (best %.4f at step %d)", self.name, step, self.total_steps, val,
                      res.best_val_loss, res.best_step)
-            if self.tb is not None:
-                self.tb.add_scalar(f"{self.name}/val_loss", val, step)
+            if self.trackers is not None:
+                self.trackers.add_scalar(f"{self.name}/val_loss", val, step)
             bar.set_postfix(val_loss=f"{val:.4f}", best=f"{res.best_val_loss:.4f}")
         patience = self.cfg.early_stopping_patience
         if patience and res.evals_since_best >= patience and step < self.total_steps:
@@ -507,8 +507,8 @@ class StageTrainer:
         if self.rank == 0:
             log.warning("%s step %d/%d: %s (loss %s); the update is discarded on every rank", self.name, step,
                         self.total_steps, reason, loss)
-        if self.tb is not None:
-            self.tb.add_scalar(f"{self.name}/skipped_steps", len(self.result.skipped_steps), step)
+        if self.trackers is not None:
+            self.trackers.add_scalar(f"{self.name}/skipped_steps", len(self.result.skipped_steps), step)
         return True
 
     def _nonfinite_streak(self) -> int:
@@ -549,21 +549,21 @@ class StageTrainer:
             extra += f" ortho_residual {self.result.residuals[-1][1]:.2e}"
         log.info("%s step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f%s", self.name, step,
                  self.total_steps, loss, lr, grad_norm, tokens_per_s, extra)
-        if self.tb is None:
+        if self.trackers is None:
             return
         tag = self.name
-        self.tb.add_scalar(f"{tag}/loss", loss, step)
-        self.tb.add_scalar(f"{tag}/lr", lr, step)
-        self.tb.add_scalar(f"{tag}/grad_norm", grad_norm, step)
-        self.tb.add_scalar(f"{tag}/tokens_per_s", tokens_per_s, step)
+        self.trackers.add_scalar(f"{tag}/loss", loss, step)
+        self.trackers.add_scalar(f"{tag}/lr", lr, step)
+        self.trackers.add_scalar(f"{tag}/grad_norm", grad_norm, step)
+        self.trackers.add_scalar(f"{tag}/tokens_per_s", tokens_per_s, step)
         if tflops is not None:
-            self.tb.add_scalar(f"{tag}/model_tflops_per_s", tflops, step)
+            self.trackers.add_scalar(f"{tag}/model_tflops_per_s", tflops, step)
         if mfu is not None:
-            self.tb.add_scalar(f"{tag}/mfu", mfu, step)
+            self.trackers.add_scalar(f"{tag}/mfu", mfu, step)
         if penalty:
-            self.tb.add_scalar(f"{tag}/penalty", penalty, step)
+            self.trackers.add_scalar(f"{tag}/penalty", penalty, step)
         if self.result.residuals and self.result.residuals[-1][0] == step:
-            self.tb.add_scalar(f"{tag}/orthogonality_residual", self.result.residuals[-1][1], step)
+            self.trackers.add_scalar(f"{tag}/orthogonality_residual", self.result.residuals[-1][1], step)
         if self.result.expert_counts:
             # One image (layers x experts, each row the share of tokens routed to each expert) and one
             # imbalance scalar per layer, all in this run's event file: add_scalars would write one run
@@ -571,6 +571,6 @@ class StageTrainer:
             names = sorted(self.result.expert_counts)
             shares = torch.tensor([self.result.expert_counts[n] for n in names], dtype=torch.float32)
             shares = shares / shares.sum(dim=1, keepdim=True).clamp_min(1.0)
-            self.tb.add_image(f"{tag}/expert_utilisation", (shares / shares.max().clamp_min(1e-9))[None], step)
+            self.trackers.add_image(f"{tag}/expert_utilisation", (shares / shares.max().clamp_min(1e-9))[None], step)
             for name, row in zip(names, shares):
-                self.tb.add_scalar(f"{tag}/expert_imbalance/{name}", float(row.max() * row.numel()), step)
+                self.trackers.add_scalar(f"{tag}/expert_imbalance/{name}", float(row.max() * row.numel()), step)
