@@ -267,15 +267,15 @@ def _data_markdown(report: dict) -> list:
 def _markdown(report: dict, plots) -> str:
     lines = ["# medcare-dist run report", "",
              "| stage | steps | skipped (NaN/inf) | first loss | last loss | first 10% mean | last 10% mean | "
-             "validation loss (last / best @ step) | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "validation loss (last / best @ step) | validation token accuracy | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
         val = "-" if s.get("val_loss_last") is None else (
             f"{_fmt(s['val_loss_last'])} / {_fmt(s['val_loss_best'])} @ {s['best_step']}"
             + (f", stopped early at {s['stopped_early_at']}" if s.get("stopped_early_at") else ""))
         lines.append(f"| {name} | {s['steps']} | {s.get('skipped_steps', 0)} | {_fmt(s['train_loss_first'])} | {_fmt(s['train_loss_last'])} | "
                      f"{_fmt(s['train_loss_first_10pct_mean'])} | {_fmt(s['train_loss_last_10pct_mean'])} | "
-                     f"{val} | {_fmt(s['tokens_per_s'], '.0f')} |")
+                     f"{val} | {_fmt(s.get('val_token_accuracy_last'), '.3f')} | {_fmt(s['tokens_per_s'], '.0f')} |")
     o = report["orthogonality"]
     lines += ["", f"Orthogonality: mode `{o['mode']}`, freeze_knowledge `{o['freeze_knowledge']}`, "
               f"max residual |A_a Q|/|A_a| = {_fmt(o['residual_max'], '.2e')}.", "",

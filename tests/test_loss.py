@@ -135,3 +135,32 @@ def test_install_on_hf_model_keeps_the_weight():
     head = install_chunked_lm_head(model, chunk_tokens=3)
     assert model.lm_head is head and head.weight is w and install_chunked_lm_head(model) is head
     assert [n for n, _ in model.named_parameters()].count("lm_head.weight") == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_correct_counts_equal_argmax_of_full_logits(chunk):
+    from medcare_dist.training.trainer import token_correct
+
+    hidden, weight, labels = random_case(3)
+    logits = hidden.double() @ weight.double().t()
+    # Make about half the labelled positions right: position t - 1's argmax becomes label t.
+    best = logits.argmax(-1)
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1], 2):
+            if labels[b, t] != -100:
+                labels[b, t] = best[b, t - 1]
+    target = labels[:, 1:]
+    want = int(((logits[:, :-1].argmax(-1) == target) & (target != -100)).sum())
+    assert 0 < want < int((target != -100).sum())
+    correct = torch.zeros((), dtype=torch.int64)
+    loss, _ = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk, correct=correct)
+    assert int(correct) == want and int(token_correct(logits, labels)) == want
+    torch.testing.assert_close(loss.double(), reference(hidden, weight, labels), rtol=1e-5, atol=1e-4)
+    head = ChunkedLMHead(torch.nn.Linear(16, 53, bias=False), chunk_tokens=chunk)
+    head.weight = torch.nn.Parameter(weight.detach().clone())
+    with head.loss_for(labels, count_correct=True):
+        head(hidden)
+    assert int(head.last_num_correct) == want
+    with head.loss_for(labels):
+        head(hidden)
+    assert head.last_num_correct is None

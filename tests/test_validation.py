@@ -41,7 +41,7 @@ def test_the_validation_loss_is_the_mean_token_loss_of_the_trained_adapters(tiny
     model = AutoModelForCausalLM.from_pretrained(tiny_assets["base"], dtype=torch.float32).eval()
     load_adapters(model, out / "stage1" / "adapters")
     rows, _ = load_stage_dataset([{"path": str(eval_file)}], tok, 96)
-    total, count = 0.0, 0
+    total, count, right = 0.0, 0, 0
     with torch.no_grad():
         for row in rows:
             ids = torch.tensor([row["input_ids"]])
@@ -50,7 +50,12 @@ def test_the_validation_loss_is_the_mean_token_loss_of_the_trained_adapters(tiny
             target = labels[0, 1:]
             total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
             count += int((target != -100).sum())
+            right += int(((logits.argmax(-1) == target) & (target != -100)).sum())
     assert logged == pytest.approx(total / count, rel=1e-5)
+    # Token accuracy: the share of labelled tokens whose argmax is the label (0 < it < 1 on this model).
+    accuracy = rec["result"]["val_accuracies"][-1][1]
+    assert 0 < right < count and accuracy == pytest.approx(right / count, abs=0.5 / count)
+    assert rec["summary"]["val_token_accuracy_last"] == accuracy and f"token_accuracy {accuracy:.4f}" in proc.stderr
 
 
 LOUD = {"data.val_size": 0.1, "stage1.eval_every": 2, "stage1.max_steps": 30, "stage1.save_best": True,

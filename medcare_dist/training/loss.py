@@ -62,8 +62,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum over selected rows of CE(h W^T, target), gradients computed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, targets, chunk_tokens):
-        # hidden [N, H]; weight [V, H]; rows: int64 indices into hidden; targets: [len(rows)] int64.
+    def forward(ctx, hidden, weight, rows, targets, chunk_tokens, correct=None):
+        # hidden [N, H]; weight [V, H]; rows: int64 indices into hidden; targets: [len(rows)] int64;
+        # correct: None, or a 0-dim int64 tensor that gets the count of rows whose argmax is the target.
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(weight.dtype, torch.float32)   # fp32, or fp64 for fp64 inputs
         loss = torch.zeros((), dtype=acc, device=hidden.device)
@@ -76,6 +77,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.t()).to(acc)                                    # [c, V] fp32
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, tgt.unsqueeze(1)).squeeze(1)).sum()
+            if correct is not None:
+                correct += (logits.argmax(dim=-1) == tgt).sum().to(correct.device)
             if need_h or need_w:
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()                     # softmax, in place
                 probs[torch.arange(idx.numel(), device=idx.device), tgt] -= 1.0  # d loss / d logits
@@ -98,12 +101,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gh = d_hidden * grad_loss.to(d_hidden.dtype)
         if d_weight is not None:
             gw = (d_weight * grad_loss).to(ctx.weight_dtype)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
                            chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, ignore_index: int = IGNORE_INDEX,
-                           shift: bool = True):
+                           shift: bool = True, correct: torch.Tensor | None = None):
     """(loss_sum, n_tokens): next-token cross-entropy summed over labelled positions.
 
     hidden_states: [B, T, H] (or [N, H]) final hidden states, before the lm_head.
@@ -114,6 +117,8 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
     Equals `F.cross_entropy(logits[:, :-1].float(), labels[:, 1:], reduction="sum")`
     over the labelled positions; n_tokens is their count (a 0-dim int64 tensor).
     Never more than `chunk_tokens` x V logits exist at once (None: 64 MiB of fp32 on a CPU, 1 GiB on a GPU).
+    `correct` (a 0-dim int64 tensor) gets the number of labelled positions whose argmax is their label
+    added to it: token accuracy from the same logits, for validation.
     """
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = next_token_targets(labels, ignore_index) if shift else labels
@@ -128,7 +133,7 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= lm_head_weight.shape[0]):
         raise ValueError(f"label ids must lie in [0, {lm_head_weight.shape[0]}) or equal {ignore_index}")
-    loss = _LinearCrossEntropy.apply(hidden, lm_head_weight, rows, tgt, int(chunk_tokens))
+    loss = _LinearCrossEntropy.apply(hidden, lm_head_weight, rows, tgt, int(chunk_tokens), correct)
     return loss, torch.tensor(rows.numel(), dtype=torch.int64)
 
 
@@ -149,22 +154,26 @@ class ChunkedLMHead(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.chunk_tokens = chunk_tokens
         self._labels = None
+        self._count_correct = False
         self.last_num_tokens = None
+        self.last_num_correct = None  # set under loss_for(labels, count_correct=True)
 
     @contextlib.contextmanager
-    def loss_for(self, labels: torch.Tensor):
-        """While active, forward(h) returns the summed next-token loss of h against `labels`."""
-        self._labels = labels
+    def loss_for(self, labels: torch.Tensor, count_correct: bool = False):
+        """While active, forward(h) returns the summed next-token loss of h against `labels` (and, with
+        count_correct, leaves the number of correctly predicted labels in last_num_correct)."""
+        self._labels, self._count_correct = labels, count_correct
         try:
             yield self
         finally:
-            self._labels = None
+            self._labels, self._count_correct = None, False
 
     def forward(self, hidden_states):
         if self._labels is None:
             return F.linear(hidden_states, self.weight)
-        loss, n = chunked_causal_lm_loss(hidden_states, self.weight, self._labels, self.chunk_tokens)
-        self.last_num_tokens = n
+        correct = torch.zeros((), dtype=torch.int64, device=hidden_states.device) if self._count_correct else None
+        loss, n = chunked_causal_lm_loss(hidden_states, self.weight, self._labels, self.chunk_tokens, correct=correct)
+        self.last_num_tokens, self.last_num_correct = n, correct
         return loss
 
     def extra_repr(self):

@@ -52,6 +52,12 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
     return f
 
 
+def token_correct(logits, labels) -> torch.Tensor:
+    """Labelled positions whose next-token argmax is their label (token accuracy's numerator)."""
+    target = labels[:, 1:]
+    return ((logits[:, :-1].argmax(dim=-1) == target) & (target != -100)).sum()
+
+
 def token_loss_sum(logits, labels, chunk_tokens: int = 4096):
     """Sum of next-token cross-entropies over labelled positions, upcast to fp32 a chunk at a time."""
     logits = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -138,6 +144,7 @@ class StageResult:
     peak_tflops: float | None = None                    # of one device; MFU is reported when known
     world_size: int = 1
     val_losses: list = field(default_factory=list)      # (step, mean token loss over the validation rows)
+    val_accuracies: list = field(default_factory=list)  # (step, share of validation tokens predicted exactly)
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
@@ -162,6 +169,7 @@ class StageResult:
             "resumed_from": self.resumed_from,
             "skipped_steps": len(self.skipped_steps),
             "val_loss_last": self.val_losses[-1][1] if self.val_losses else None,
+            "val_token_accuracy_last": self.val_accuracies[-1][1] if self.val_accuracies else None,
             "val_loss_best": self.best_val_loss,
             "best_step": self.best_step,
             "stopped_early_at": self.stopped_early_at,
@@ -417,14 +425,18 @@ class StageTrainer:
         res.seconds += time.perf_counter() - t_stage
         return res
 
-    def _loss_sum(self, batch: dict):
-        """Summed token loss of one micro-batch through the engine (the training step's and validation's)."""
+    def _loss_sum(self, batch: dict, count_correct: bool = False):
+        """Summed token loss of one micro-batch through the engine (the training step's and validation's);
+        with count_correct, (loss, correctly predicted tokens)."""
         # Packed batches (medcare_dist.training.packing) carry position_ids and no attention_mask.
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         if self.head is not None:
-            with self.head.loss_for(batch["labels"]):
-                return lm_loss_from_output(self.engine(**inputs))  # the lm_head returns the summed loss
-        return token_loss_sum(self.engine(**inputs).logits, batch["labels"])
+            with self.head.loss_for(batch["labels"], count_correct):
+                loss = lm_loss_from_output(self.engine(**inputs))  # the lm_head returns the summed loss
+            return (loss, self.head.last_num_correct) if count_correct else loss
+        logits = self.engine(**inputs).logits
+        loss = token_loss_sum(logits, batch["labels"])
+        return (loss, token_correct(logits, batch["labels"])) if count_correct else loss
 
     # ----- validation -------------------------------------------------------
     def _eval_due(self, step: int) -> bool:
@@ -432,26 +444,30 @@ class StageTrainer:
         return bool(self.eval_dataset is not None and every and (step % every == 0 or step == self.total_steps))
 
     @torch.no_grad()
-    def _validation_loss(self) -> float:
-        """Mean token loss over the validation rows: each rank takes a contiguous share, every rank runs the
-        same number of forwards (ZeRO-3 gathers parameters inside them), the sums are all-reduced."""
+    def _validation_metrics(self) -> tuple[float, float]:
+        """(mean token loss, token accuracy) over the validation rows: each rank takes a contiguous share,
+        every rank runs the same number of forwards (ZeRO-3 gathers parameters inside them), the sums are
+        all-reduced."""
         n = len(self.eval_dataset)
         per_rank = -(-n // self.world)
         mine = list(range(self.rank * per_rank, min(n, (self.rank + 1) * per_rank)))
         self.engine.eval()
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
         for b in range(-(-per_rank // self.micro)):
             rows = mine[b * self.micro:(b + 1) * self.micro]
             batch = self.collate([self.eval_dataset[i] for i in (rows or [0])])  # a share may run out: a dummy
             batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-            loss = self._loss_sum(batch)
+            loss, right = self._loss_sum(batch, count_correct=True)
             if rows:
                 loss_sum += loss.detach().float()
                 tokens += (batch["labels"][:, 1:] != -100).sum()
+                correct += right.float().to(self.device)
         self.engine.train()
-        totals = all_reduce_sum(torch.stack([loss_sum, tokens.float()]))
-        return totals[0].item() / max(1.0, totals[1].item())
+        totals = all_reduce_sum(torch.stack([loss_sum, tokens.float(), correct]))
+        n = max(1.0, totals[1].item())
+        return totals[0].item() / n, totals[2].item() / n
 
     def _validate(self, step: int, bar) -> bool:
         """Evaluate, keep the best (save_best), log; True when early stopping ends the stage here."""
@@ -459,8 +475,9 @@ class StageTrainer:
         from medcare_dist.training import integrity
 
         res = self.result
-        val = self._validation_loss()
+        val, accuracy = self._validation_metrics()
         res.val_losses.append((step, val))
+        res.val_accuracies.append((step, accuracy))
         if res.best_val_loss is None or val < res.best_val_loss:
             res.best_val_loss, res.best_step, res.evals_since_best = val, step, 0
             if self.cfg.save_best:
@@ -472,11 +489,12 @@ class StageTrainer:
         else:
             res.evals_since_best += 1
         if self.rank == 0:
-            log.info("%s step %d/%d val_loss %.4f (best %.4f at step %d)", self.name, step, self.total_steps, val,
-                     res.best_val_loss, res.best_step)
+            log.info("%s step %d/%d val_loss %.4f token_accuracy %.4f (best loss %.4f at step %d)", self.name, step,
+                     self.total_steps, val, accuracy, res.best_val_loss, res.best_step)
             if self.trackers is not None:
                 self.trackers.add_scalar(f"{self.name}/val_loss", val, step)
-            bar.set_postfix(val_loss=f"{val:.4f}", best=f"{res.best_val_loss:.4f}")
+                self.trackers.add_scalar(f"{self.name}/val_token_accuracy", accuracy, step)
+            bar.set_postfix(val_loss=f"{val:.4f}", acc=f"{accuracy:.3f}", best=f"{res.best_val_loss:.4f}")
         patience = self.cfg.early_stopping_patience
         if patience and res.evals_since_best >= patience and step < self.total_steps:
             res.stopped_early_at = step
