@@ -126,11 +126,6 @@ class Pipeline:
 
             raise TrackerError(f"logging.report_to names {', '.join(missing)}, not installed; pip install "
                                + " ".join(f"'medcare-dist[{n}]'" for n in missing))
-        if self.rank == 0 and cfg.logging.report_to:
-            from medcare_dist.training.trackers import Trackers
-
-            self.trackers = Trackers(cfg.logging.report_to, self.out, cfg.logging.run_name or self.out.name,
-                                     cfg.to_dict(), cfg.logging)
         self.results: dict[str, dict] = {}
         self._stage1_rows_cache = None
         self._data: dict[str, tuple] = {}
@@ -740,6 +735,11 @@ class Pipeline:
         self._prepare_inputs()
         self._preflight()
         plan = self._plan_steps()
+        if self.rank == 0 and self.cfg.logging.report_to:  # after every check: a refused run writes no tracker
+            from medcare_dist.training.trackers import Trackers
+
+            self.trackers = Trackers(self.cfg.logging.report_to, self.out,
+                                     self.cfg.logging.run_name or self.out.name, self.cfg.to_dict(), self.cfg.logging)
         reference = self._general_reference()
         for step in self.steps:
             if plan[step] == "check":
@@ -770,6 +770,7 @@ class Pipeline:
 
                 self.trackers.summary(final_metrics(report))
             self.trackers.close()
+            self.trackers = None
         barrier()
         return report
 
@@ -779,5 +780,7 @@ def run(cfg) -> dict | None:
     try:
         return pipeline.run()
     finally:
+        if pipeline.trackers is not None:  # a run that stopped part-way: its trackers' runs end too
+            pipeline.trackers.close()
         if pipeline.lock is not None:
             pipeline.lock.release()

@@ -111,7 +111,7 @@ def test_adapters_that_do_not_fit_the_model_are_refused_before_compute(tiny_base
                    "adapters.mlp_targets=[gate_proj,up_proj,down_proj,gate_prj]", "adapters.attn_rank=40")
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr
-    assert "adapters.mlp_targets[3]='gate_prj': this model has no nn.Linear of that name" in err
+    assert "adapters.mlp_targets[3]='gate_prj': selects no nn.Linear of this model" in err
     assert "alignment LoRA of gate_proj" in err and "alignment LoRA of up_proj" in err
     assert "alignment LoRA of down_proj" not in err
     assert "leaves room for rank 16 at most" in err

@@ -27,8 +27,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
 
 
 def resolve_targets(model: nn.Module, targets, field: str) -> tuple[list, list[str]]:
-    """([(qualified name, linear)] the `field` targets select, in model order; problems naming each target
-    that selects nothing or is not a valid regular expression). lm_head is never a target."""
+    """([(qualified name, linear)] the `field` targets select; problems naming each target that selects
+    nothing or is not a valid regular expression). lm_head is never a target."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     problems = []
     for i, target in enumerate(targets):
@@ -41,14 +41,19 @@ def resolve_targets(model: nn.Module, targets, field: str) -> tuple[list, list[s
             short = sorted({n.rpartition(".")[2] for n, _ in linears})
             problems.append(f"{where}: selects no nn.Linear of this model (its linear layers: {', '.join(short)}; "
                             "a target is a short name, `all`, or a regular expression on the full name)")
-    valid = [t for t in targets if pattern_error(t) is None]
-    chosen = [(n, m) for n, m in linears if any(target_matches(t, n, field) for t in valid)]
+    # Target by target, each in model order: the order adapters are created in, and so their seeded
+    # initialisation, stays what it was for lists of short names.
+    chosen, seen = [], set()
+    for target in targets:
+        if pattern_error(target) is None:
+            for n, m in linears:
+                if n not in seen and target_matches(target, n, field):
+                    chosen.append((n, m))
+                    seen.add(n)
     return chosen, problems
 
 
-def resolved_targets(model: nn.Module, cfg) -> dict[str, list]:
-    """{"attn_targets": [(name, linear)], "mlp_targets": [...]}; ValueError naming every problem (a target
-    selecting nothing, a bad pattern, a layer selected for both adapters)."""
+def _all_targets(model: nn.Module, cfg) -> tuple[dict[str, list], list[str]]:
     out, problems = {}, []
     for field in ("attn_targets", "mlp_targets"):
         out[field], found = resolve_targets(model, getattr(cfg, field), field)
@@ -57,6 +62,13 @@ def resolved_targets(model: nn.Module, cfg) -> dict[str, list]:
     if both:
         problems.append(f"adapters.attn_targets and adapters.mlp_targets both select {both[0]}"
                         + (f" (and {len(both) - 1} more)" if len(both) > 1 else "") + ": a layer takes one adapter")
+    return out, problems
+
+
+def resolved_targets(model: nn.Module, cfg) -> dict[str, list]:
+    """{"attn_targets": [(name, linear)], "mlp_targets": [...]}; ValueError naming every problem (a target
+    selecting nothing, a bad pattern, a layer selected for both adapters)."""
+    out, problems = _all_targets(model, cfg)
     if problems:
         raise ValueError("\n".join(problems))
     return out
@@ -81,11 +93,8 @@ def check_adapter_fit(model: nn.Module, cfg) -> tuple[list[str], list[str]]:
     (in_features - shared_rank) cannot hold. A rank above min(in, out) is only a warning: legal, but
     the extra rank adds parameters and no expressiveness.
     """
-    try:
-        targets = resolved_targets(model, cfg)
-    except ValueError as e:
-        return str(e).split("\n"), []
-    problems, warnings = [], []
+    targets, problems = _all_targets(model, cfg)  # the targets that resolve are checked on below
+    warnings = []
     ranks = {"attn_targets": ("attn_rank",), "mlp_targets": ("expert_rank", "shared_rank")}
     for field, rank_fields in ranks.items():
         first_of_name = {}
