@@ -1,7 +1,8 @@
 """Our training against the stack a LLaMA-Factory user runs instead, side by side in one run, 2 ZeRO-3 ranks.
 
-    python launch/bench_peer.py              # CPU: a 4-layer Qwen2-shaped model (~45M parameters), 12 steps each
-    python launch/bench_peer.py --quick      # CPU: 2 layers, 4 steps each, a few minutes
+    python launch/bench_peer.py              # CPU: 4 layers, hidden 512, vocab 32k (44M parameters), 1024 tokens,
+                                             # 12 steps each, about 10 minutes
+    python launch/bench_peer.py --quick      # CPU: 2 layers, hidden 256, 512 tokens, 4 steps each, 2-3 minutes
     python launch/bench_peer.py --json       # the JSON report on stdout (the table goes to stderr)
 
 peer      transformers.Trainer + peft LoRA + DeepSpeed ZeRO-3 the way LLaMA-Factory runs them by default: the
@@ -16,8 +17,9 @@ stage 2   our stage 2 (`launch/train.py stage=2 init_from=...`): the Knowledge A
 stage 1   our stage 1 (`stage=1`): attention LoRA plus the mixture of LoRA experts on every MLP projection,
           which does more adapter work than plain LoRA; its process also runs the TAIA merge.
 
-All three train the same base (random weights, saved once), on the same samples (the demo's stage-2 rows,
-tokenized once by our data path; the peer gets the identical token ids and labels), with the same global
+All three train the same base (random weights, saved once), on the same samples (the demo's stage-2 rows
+joined into multi-turn conversations of 40-90 % of max_length, tokenized once by our data path; the peer gets
+the identical token ids and labels, loss on every assistant turn), with the same global
 batch, micro-batch, maximum length and number of optimizer steps, under `deepspeed --num_gpus 2` on the CPU.
 tokens/s counts real (non-padding) tokens over the optimizer steps (the Trainer's loop for the peer, our
 trainer's for ours; neither saves checkpoints inside it). Peak memory is each rank process's resident-set
@@ -64,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--vocab", type=int, default=32000, help="model vocabulary (the lm_head's width)")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-length", type=int, default=None, help="CPU default 1024 (--quick 512)")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=None)
@@ -99,7 +101,7 @@ def peer_worker(spec: dict):
     args = TrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=spec["micro"],
         gradient_accumulation_steps=spec["global"] // (spec["micro"] * world), max_steps=spec["steps"],
-        learning_rate=1e-4, lr_scheduler_type="cosine", warmup_ratio=0.1, deepspeed=PEER_DS_CONFIG,
+        learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0.1, deepspeed=PEER_DS_CONFIG,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, logging_steps=1,
         save_strategy="no", report_to=[], remove_unused_columns=False, dataloader_num_workers=0, seed=0,
         ddp_backend="gloo", disable_tqdm=True)
@@ -143,7 +145,7 @@ def peer_worker(spec: dict):
 def settings(args) -> dict:
     quick = args.quick
     return {"layers": args.layers or (2 if quick else 4), "hidden": args.hidden or (256 if quick else 512),
-            "vocab": args.vocab, "max_length": args.max_length, "micro": args.micro_batch,
+            "vocab": args.vocab, "max_length": args.max_length or (512 if quick else 1024), "micro": args.micro_batch,
             "global": args.global_batch, "steps": args.steps or (4 if quick else 12)}
 
 
@@ -166,7 +168,7 @@ def build_inputs(s: dict, root: Path) -> dict:
     model_dir = root / "base"
     Qwen2ForCausalLM(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    samples = assets.files["stage2_train"]
+    samples = multi_turn_samples(assets.files["stage2_train"], tok, s["max_length"], root / "samples.jsonl")
     dataset, _ = load_stage_dataset([{"path": str(samples)}], tok, s["max_length"])
     rows = root / "rows.jsonl"
     with open(rows, "w") as f:
@@ -175,6 +177,26 @@ def build_inputs(s: dict, root: Path) -> dict:
     params = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())
     return {"model": str(model_dir), "samples": str(samples), "rows": str(rows), "parameters": params,
             "samples_tokenized": len(dataset)}
+
+
+def multi_turn_samples(source: Path, tok, max_length: int, out: Path) -> Path:
+    """The demo's one-turn rows joined, in file order, into multi-turn conversations of 40-90 % of max_length
+    tokens (a seeded target per conversation): SFT-like lengths, so padding and the loss weigh what they do."""
+    import random
+
+    rng = random.Random(0)
+    rows = [json.loads(line)["messages"] for line in open(source)]
+    with open(out, "w") as f:
+        turns, length, target = [], 0, rng.uniform(0.4, 0.9) * max_length
+        for messages in rows:
+            n = len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
+            if turns and length + n > target:
+                f.write(json.dumps({"messages": turns}) + "\n")
+                turns, length, target = [], 0, rng.uniform(0.4, 0.9) * max_length
+            turns, length = turns + messages, length + n
+        if turns:
+            f.write(json.dumps({"messages": turns}) + "\n")
+    return out
 
 
 class PeakMemory:
