@@ -236,8 +236,11 @@ class PeakMemory:
 
 
 def launch(argv: list, tag: str, log: Path) -> tuple[float, dict]:
+    # A fixed glibc mmap threshold for every variant alike (as launch/bench_train.py): freed activations go
+    # back to the OS, so the resident set follows the live tensors instead of the allocator's arenas.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "MEDCARE_BENCH_TAG": tag, "PYTHONPATH": str(REPO)}
+           "MEDCARE_BENCH_TAG": tag, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+           "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
     t0 = time.perf_counter()
     with PeakMemory(f"MEDCARE_BENCH_TAG={tag}") as mem, open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", *argv],
