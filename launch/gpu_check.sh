@@ -72,17 +72,17 @@ part kernel_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernel
 tail -n 3 "$LOGS/kernel_tests.log" | sed 's/^/  /' >> "$summary"
 
 # 2. Kernel benchmark table (also written as JSON and a PNG plot).
-part bench_kernels 120 python3 launch/bench_kernels.py "${KERNEL_SHAPES[@]}" --out "$OUT/bench_kernels.json"
+part bench_kernels 100 python3 launch/bench_kernels.py "${KERNEL_SHAPES[@]}" --out "$OUT/bench_kernels.json"
 
 # 3. A few ZeRO-3 steps of the demo on the GPU, NCCL, one rank, both stages and the merges.
-part demo_zero3 100 deepspeed --num_gpus 1 launch/train.py --recipe launch/recipes/demo.yaml \
+part demo_zero3 150 deepspeed --num_gpus 1 launch/train.py --recipe launch/recipes/demo.yaml \
     output_dir="$LOGS/demo_run" "${DEMO_STEPS[@]}" evaluation.report_models=[final] \
     evaluation.general_retention=false logging.progress_bar=false
 grep -E "backend|nccl|NCCL|tokens/s|step [0-9]+/" "$LOGS/demo_zero3.log" | tail -n 6 | sed 's/^/  /' >> "$summary"
 [ -f "$LOGS/demo_run/report.md" ] && cp "$LOGS/demo_run/report.md" "$OUT/demo_report.md"
 
 # 4. The bench_train GPU row.
-part bench_train 130 python3 launch/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train.json"
+part bench_train 110 python3 launch/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train.json"
 tail -n 12 "$LOGS/bench_train.log" | sed 's/^/  /' >> "$summary"
 
 cat "$summary"
