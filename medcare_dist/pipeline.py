@@ -12,7 +12,6 @@ stage from its newest complete checkpoint:
 """
 
 import gc
-import importlib.util
 import json
 import logging
 import os
@@ -120,12 +119,9 @@ class Pipeline:
         self.dtype = resolve_dtype(cfg.model.dtype, device_type())
         self.steps = STEPS[str(cfg.stage)]
         self.trackers = None
-        missing = [n for n in cfg.logging.report_to if n != "tensorboard" and importlib.util.find_spec(n) is None]
-        if missing:  # on every rank, so that all stop alike
-            from medcare_dist.training.trackers import TrackerError
+        from medcare_dist.training.trackers import check_installed
 
-            raise TrackerError(f"logging.report_to names {', '.join(missing)}, not installed; pip install "
-                               + " ".join(f"'medcare-dist[{n}]'" for n in missing))
+        check_installed(cfg.logging.report_to)
         self.results: dict[str, dict] = {}
         self._stage1_rows_cache = None
         self._data: dict[str, tuple] = {}

@@ -58,8 +58,7 @@ def source_files(path, split: str | None = None) -> list[SourceFile]:
         raise DataError(f"{path}: 'split' is for datasets saved with save_to_disk, and this is not one "
                         f"(no {' or '.join(SAVED_DATASET_MARKERS)})")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = [p for p in _visible_files(path) if p.suffix.lower() in SUFFIXES]
         if not files:
             raise DataError(f"{path}: a folder with no data files (looked for {', '.join(SUFFIXES)}) and not a "
                             "save_to_disk dataset")
@@ -67,6 +66,12 @@ def source_files(path, split: str | None = None) -> list[SourceFile]:
     if not path.is_file():
         raise DataError(f"{path}: no such file or folder")
     return [_file(path)]
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """The files below a folder in name order, without hidden files or anything inside hidden folders."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _file(path: Path) -> SourceFile:
@@ -262,10 +267,8 @@ def source_digest(path) -> str:
         if not path.is_dir():
             return file_sha256(path)
         h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            rel = p.relative_to(path).as_posix()
-            if not any(part.startswith(".") for part in p.relative_to(path).parts):
-                h.update(f"{rel}\0{file_sha256(p)}\n".encode())
+        for p in _visible_files(path):
+            h.update(f"{p.relative_to(path).as_posix()}\0{file_sha256(p)}\n".encode())
         return h.hexdigest()
     except OSError:
         return "unreadable"

@@ -30,26 +30,22 @@ def resolve_targets(model: nn.Module, targets, field: str) -> tuple[list, list[s
     """([(qualified name, linear)] the `field` targets select; problems naming each target that selects
     nothing or is not a valid regular expression). lm_head is never a target."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    problems = []
+    # Target by target, each in model order: the order adapters are created in, and so their seeded
+    # initialisation, stays what it was for lists of short names.
+    chosen, seen, problems = [], set(), []
     for i, target in enumerate(targets):
         where = f"adapters.{field}[{i}]={target!r}"
         bad = pattern_error(target)
         if bad:
             problems.append(f"{where}: {bad}")
             continue
-        if not any(target_matches(target, n, field) for n, _ in linears):
+        matched = [(n, m) for n, m in linears if target_matches(target, n, field)]
+        if not matched:
             short = sorted({n.rpartition(".")[2] for n, _ in linears})
             problems.append(f"{where}: selects no nn.Linear of this model (its linear layers: {', '.join(short)}; "
                             "a target is a short name, `all`, or a regular expression on the full name)")
-    # Target by target, each in model order: the order adapters are created in, and so their seeded
-    # initialisation, stays what it was for lists of short names.
-    chosen, seen = [], set()
-    for target in targets:
-        if pattern_error(target) is None:
-            for n, m in linears:
-                if n not in seen and target_matches(target, n, field):
-                    chosen.append((n, m))
-                    seen.add(n)
+        chosen += [(n, m) for n, m in matched if n not in seen]
+        seen.update(n for n, _ in matched)
     return chosen, problems
 
 

@@ -1,7 +1,7 @@
 """Experiment trackers (TensorBoard, Weights & Biases, MLflow) behind one writer that rank 0 logs through.
 
 Each is imported only when `logging.report_to` names it; a missing package stops the run before training
-with the pip extra to install. Scalars keep the stage's own optimizer step as their x axis (stage 2 starts
+with the pip extra to install (check_installed). Scalars keep the stage's own optimizer step as their x axis (stage 2 starts
 at step 1 again), images are CHW float arrays in [0, 1], and the run's settings and final metrics go to
 every tracker.
 """
@@ -34,14 +34,15 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def _import(name: str):
-    import importlib
+def check_installed(names):
+    """TrackerError naming the pip extra of every tracker in `names` that is not installed (TensorBoard
+    comes with the project). Called on every rank before any work, so that all stop alike."""
+    import importlib.util
 
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise TrackerError(f"logging.report_to names {name}, which is not installed ({e}); "
-                           f"pip install 'medcare-dist[{EXTRAS[name]}]'") from None
+    missing = [n for n in names if n in EXTRAS and importlib.util.find_spec(n) is None]
+    if missing:
+        raise TrackerError(f"logging.report_to names {', '.join(missing)}, not installed; pip install "
+                           + " ".join(f"'medcare-dist[{EXTRAS[n]}]'" for n in missing))
 
 
 class _TensorBoard:
@@ -67,7 +68,8 @@ class _TensorBoard:
 
 class _WandB:
     def __init__(self, out: Path, run_name: str, config: dict, settings):
-        wandb = _import("wandb")
+        import wandb
+
         self.wandb = wandb
         # WANDB_MODE (online, offline, disabled) and WANDB_API_KEY are wandb's own; offline runs are kept
         # under <output_dir>/wandb for `wandb sync`.
@@ -110,7 +112,8 @@ class _WandB:
 
 class _MLflow:
     def __init__(self, out: Path, run_name: str, config: dict, settings):
-        mlflow = _import("mlflow")
+        import mlflow
+
         self.mlflow = mlflow
         uri = settings.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
