@@ -149,15 +149,17 @@ def settings(args) -> dict:
             "global": args.global_batch, "steps": args.steps or (4 if quick else 12)}
 
 
-def build_inputs(s: dict, root: Path) -> dict:
-    """The base model (random, saved once), the samples file and its token rows, shared by every variant."""
+def build_inputs(s: dict, root: Path, demo_dir: Path = None, min_samples: int = 0) -> dict:
+    """The base model (random, saved once), the samples file and its token rows, shared by every variant.
+    demo_dir: where the demo's data and tokenizer are built (once; default root/demo); min_samples: see
+    multi_turn_samples."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from medcare_dist.data.conversations import load_stage_dataset
     from medcare_dist.demo.assets import prepare_demo
 
-    assets = prepare_demo(root / "demo")
+    assets = prepare_demo(demo_dir or root / "demo")
     tok = assets.tokenizer()
     heads = max(1, s["hidden"] // 64)
     config = Qwen2Config(hidden_size=s["hidden"], intermediate_size=int(s["hidden"] * 2.75) // 8 * 8,
@@ -168,7 +170,8 @@ def build_inputs(s: dict, root: Path) -> dict:
     model_dir = root / "base"
     Qwen2ForCausalLM(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    samples = multi_turn_samples(assets.files["stage2_train"], tok, s["max_length"], root / "samples.jsonl")
+    samples = multi_turn_samples(assets.files["stage2_train"], tok, s["max_length"], root / "samples.jsonl",
+                                 min_samples)
     dataset, _ = load_stage_dataset([{"path": str(samples)}], tok, s["max_length"])
     rows = root / "rows.jsonl"
     with open(rows, "w") as f:
@@ -179,21 +182,33 @@ def build_inputs(s: dict, root: Path) -> dict:
             "samples_tokenized": len(dataset)}
 
 
-def multi_turn_samples(source: Path, tok, max_length: int, out: Path) -> Path:
+def multi_turn_samples(source: Path, tok, max_length: int, out: Path, min_samples: int = 0) -> Path:
     """The demo's one-turn rows joined, in file order, into multi-turn conversations of 40-90 % of max_length
-    tokens (a seeded target per conversation): SFT-like lengths, so padding and the loss weigh what they do."""
+    tokens (a seeded target per conversation): SFT-like lengths, so padding and the loss weigh what they do.
+    If one pass over the rows gives fewer than min_samples conversations (long max_length), the rows are read
+    again from the start, in the same order, and the file ends at the min_samples-th conversation; otherwise
+    it is that of one pass (so the default lengths' files are what they always were)."""
+    import itertools
     import random
 
     rng = random.Random(0)
     rows = [json.loads(line)["messages"] for line in open(source)]
+    lengths = [len(tok(tok.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"])
+               for m in rows]
+    written = 0
     with open(out, "w") as f:
         turns, length, target = [], 0, rng.uniform(0.4, 0.9) * max_length
-        for messages in rows:
-            n = len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
-            if turns and length + n > target:
-                f.write(json.dumps({"messages": turns}) + "\n")
-                turns, length, target = [], 0, rng.uniform(0.4, 0.9) * max_length
-            turns, length = turns + messages, length + n
+        for reread in itertools.count():
+            for messages, n in zip(rows, lengths):
+                if turns and length + n > target:
+                    f.write(json.dumps({"messages": turns}) + "\n")
+                    written += 1
+                    if reread and written >= min_samples:
+                        return out
+                    turns, length, target = [], 0, rng.uniform(0.4, 0.9) * max_length
+                turns, length = turns + messages, length + n
+            if written + bool(turns) >= min_samples or not rows:
+                break
         if turns:
             f.write(json.dumps({"messages": turns}) + "\n")
     return out
@@ -235,6 +250,16 @@ class PeakMemory:
             time.sleep(0.1)
 
 
+def free_port() -> int:
+    """A free TCP port for the launcher's rendezvous: another DeepSpeed job on the machine (a test run, say)
+    may hold the default 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(argv: list, tag: str, log: Path) -> tuple[float, dict]:
     # A fixed glibc mmap threshold for every variant alike (as launch/bench_train.py): freed activations go
     # back to the OS, so the resident set follows the live tensors instead of the allocator's arenas.
@@ -243,7 +268,8 @@ def launch(argv: list, tag: str, log: Path) -> tuple[float, dict]:
            "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
     t0 = time.perf_counter()
     with PeakMemory(f"MEDCARE_BENCH_TAG={tag}") as mem, open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", *argv],
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                               "--master_port", str(free_port()), *argv],
                               env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -251,7 +277,9 @@ def launch(argv: list, tag: str, log: Path) -> tuple[float, dict]:
     return wall, {k: mem.peaks[k] for k in sorted(mem.peaks)}
 
 
-def run_variant(variant: str, s: dict, inputs: dict, root: Path, n: int) -> dict:
+def run_variant(variant: str, s: dict, inputs: dict, root: Path, n: int, stage1_dir: Path = None) -> dict:
+    """One variant's launch; stage 2 starts from stage1_dir (a finished stage-1 output_dir) when given, else
+    from a one-step stage 1 run once under root."""
     out = root / f"{variant}-{n}"
     common = [f"data.max_length={s['max_length']}", f"stage1.max_steps={s['steps']}",
               f"stage2.max_steps={s['steps']}", f"stage1.micro_batch_size={s['micro']}",
@@ -273,7 +301,7 @@ def run_variant(variant: str, s: dict, inputs: dict, root: Path, n: int) -> dict
         wall, peaks = launch([*recipe, f"output_dir={out}", "stage=1", *common], f"stage1-{n}", root / f"stage1-{n}.log")
         res = json.loads((out / "stage1" / "result.json").read_text())["summary"]
     else:
-        base = root / "stage1-for-stage2"
+        base = stage1_dir or root / "stage1-for-stage2"
         if not (base / "merged_base" / "config.json").is_file():
             launch([*recipe, f"output_dir={base}", "stage=1", *common, "stage1.max_steps=1"], "prep",
                    root / "prep.log")

@@ -4,6 +4,8 @@ recommended DeepSpeed config (--json for scripts). Exit status: 0 fits, 3 does n
 
 Check the communication figure against DeepSpeed's comms logger on a real run (any launcher):
     deepspeed --num_gpus 2 launch/plan.py --measure --recipe launch/recipes/demo.yaml --model DIR --seq-len 64
+--measure --calibrate also times a GEMM and an all-gather on the ranks first and predicts the step time with those
+rates, beside the measured one (launch/bench_scaling.py runs it at every point of its sweep).
 """
 
 import sys

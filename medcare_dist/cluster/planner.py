@@ -830,6 +830,10 @@ def _parser():
                         "start it with a launcher, e.g. deepspeed --num_gpus 2 launch/plan.py --measure ...")
     p.add_argument("--steps", type=int, default=3, help="--measure: optimizer steps; the last one is logged")
     p.add_argument("--measure-out", metavar="FILE", help="--measure: write the comparison as JSON here")
+    p.add_argument("--calibrate", action="store_true",
+                   help="--measure: first time a large GEMM on every rank (-> --gpu-tflops) and an all-gather "
+                        "of tens of MB (-> --intra-node-gbs), and plan with those rates, so that the predicted "
+                        "step time is this machine's")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="recipe overrides, dotted key=value (with --recipe)")
     return p
@@ -955,6 +959,7 @@ def measure_main(args):
     args.model = str(model_path)
     dtype = resolve_dtype(args.dtype or cfg.model.dtype, device_type())
     args.dtype = dtype
+    calibration = calibrate_rates(dtype, world) if args.calibrate else None
     if args.micro_batch:
         cfg.stage1.micro_batch_size = args.micro_batch
     if args.global_batch:
@@ -1009,7 +1014,7 @@ def measure_main(args):
     zero = zero_settings(ds)
     work = Workload(stage=1, seq_len=seq, micro_batch=micro, global_batch=ds["train_batch_size"], dtype=dtype,
                     gradient_checkpointing=bool(ckpt))
-    cluster = Cluster(nodes=nodes, gpus_per_node=world // nodes)
+    cluster = measured_cluster(args, nodes, world // nodes, calibration)
     predicted = plan(shape, cluster, work, zero, cfg.adapters)
     pc, pm = predicted["communication"], predicted["memory"]["per_gpu_bytes"]
     rows = []
@@ -1028,12 +1033,20 @@ def measure_main(args):
     if peak is not None:
         mem_rows.append({"what": "peak allocated (total)", "predicted": predicted["memory"]["total_bytes"],
                          "measured": peak})
+    pt = predicted["time"]
+    step_time = {"predicted_s": pt["step_s"], "predicted_compute_s": pt["compute_s"],
+                 "predicted_communication_s": pt["communication_s"], "measured_s": t_last,
+                 "ratio": t_last / pt["step_s"] if pt["step_s"] else None,
+                 "tokens_per_step": pt["tokens_per_step"], "rates": {"gpu_tflops": cluster.gpu_tflops,
+                                                                     "link_gbs": pt["link_gbs_used"],
+                                                                     "overlap": cluster.overlap}}
     report = {"model": str(model_path), "world": world, "seq_len": seq, "micro_batch": micro,
               "gradient_accumulation": accum, "dtype": dtype, "gradient_checkpointing": bool(ckpt),
               "zero": predicted["zero"], "communication": rows, "memory": mem_rows,
               "other_collectives": {k: v for k, v in measured.items()
                                     if k not in ("all_gather_bytes", "reduce_scatter_bytes")},
-              "step_seconds_measured": t_last, "comms_log": summary}
+              "step_seconds_measured": t_last, "step_time": step_time, "calibration": calibration,
+              "comms_log": summary}
     print(f"comms per optimizer step, measured by DeepSpeed's comms logger vs planned ({world} ranks, "
           f"ZeRO-{zero['stage']}, persistence threshold {zero['stage3_param_persistence_threshold']}, "
           f"checkpointing {'on' if ckpt else 'off'})")
@@ -1043,9 +1056,80 @@ def measure_main(args):
     print("memory per rank (static parts)")
     for r in mem_rows:
         print(f"  {r['what']:<52} predicted {r['predicted']:>14,.0f} B   measured {r['measured']:>14,.0f} B")
+    if calibration is not None:
+        print(f"calibration: {calibration['gemm']['tflops']:.3f} TFLOP/s per rank ({calibration['gemm']['n']}^3 "
+              f"{dtype} GEMM, {calibration['gemm']['threads']} threads, slowest rank), all-gather "
+              f"{calibration['all_gather']['bus_gbs']:.2f} GB/s bus ({calibration['all_gather']['payload_bytes']:,d} B"
+              f" gathered, {world} ranks)")
+    print(f"optimizer step: predicted {step_time['predicted_s']:.3f} s (compute {pt['compute_s']:.3f} s at "
+          f"{cluster.gpu_tflops:.3f} TFLOP/s, communication {pt['communication_s']:.3f} s at "
+          f"{pt['link_gbs_used']:.2f} GB/s, {cluster.overlap:.0%} of it hidden), measured {t_last:.3f} s, "
+          f"ratio {step_time['ratio']:.2f}")
     if args.measure_out:
         Path(args.measure_out).write_text(json.dumps(report, indent=1, default=str))
     return 0
+
+
+def calibrate_rates(dtype: str, world: int, gemm_n: int = 2048, gather_bytes: int = 32 * 2**20,
+                    repeats: int = 3) -> dict:
+    """This machine's rates for plan(), measured on every rank at once, as training runs them: a square GEMM
+    of the training dtype with the rank's own threads, and an all-gather through deepspeed.comm (the path
+    ZeRO-3's parameter fetches take) of gather_bytes in all. Each figure is the slowest rank's (a synchronous
+    step waits for it)."""
+    import time
+
+    import deepspeed.comm as dcomm
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().current_device_name()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(gemm_n, gemm_n, generator=gen).to(device, torch_dtype)
+    b = torch.randn(gemm_n, gemm_n, generator=gen).to(device, torch_dtype)
+
+    def slowest(seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dcomm.all_reduce(t, op=dcomm.ReduceOp.MAX)
+        return float(t.item())
+
+    def timed(fn) -> float:
+        fn()  # warm-up: first-call allocation and, for the collective, connection set-up
+        get_accelerator().synchronize()
+        dcomm.barrier()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        get_accelerator().synchronize()
+        return slowest((time.perf_counter() - t0) / repeats)
+
+    gemm_s = timed(lambda: torch.mm(a, b))
+    shard = torch.ones(max(1, gather_bytes // (4 * world)), dtype=torch.float32, device=device)
+    gathered = torch.empty(shard.numel() * world, dtype=torch.float32, device=device)
+    gather_s = timed(lambda: dcomm.all_gather_into_tensor(gathered, shard))
+    payload = gathered.numel() * gathered.element_size()
+    return {"gemm": {"n": gemm_n, "dtype": dtype, "threads": torch.get_num_threads(), "seconds": gemm_s,
+                     "tflops": 2 * gemm_n ** 3 / gemm_s / 1e12},
+            "all_gather": {"payload_bytes": payload, "world": world, "seconds": gather_s,
+                           "bus_gbs": bus_gbs(payload, world, gather_s)}}
+
+
+def bus_gbs(payload_bytes: float, world: int, seconds: float) -> float:
+    """The link rate (GB/s) at which plan()'s ring model (_ring_seconds) moves payload_bytes in seconds."""
+    if world <= 1:
+        return float("inf")
+    return payload_bytes * (world - 1) / world / seconds / 1e9
+
+
+def measured_cluster(args, nodes: int, gpus_per_node: int, calibration: Optional[dict]) -> Cluster:
+    """The Cluster --measure plans with: the command line's rates, or, calibrated, the measured GEMM rate as
+    gpu_tflops and the measured all-gather rate as the link (intra- and, as it spans every rank, inter-node)."""
+    tflops, intra, inter = args.gpu_tflops, args.intra_node_gbs, args.inter_node_gbs
+    if calibration is not None:
+        tflops = calibration["gemm"]["tflops"]
+        intra = inter = calibration["all_gather"]["bus_gbs"]
+    return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=args.gpu_mem, gpu_tflops=tflops,
+                   intra_node_gbs=intra, inter_node_gbs=inter, pcie_gbs=args.pcie_gbs, overlap=args.overlap)
 
 
 def _static_memory(engine) -> dict:
