@@ -25,7 +25,8 @@ import torch
 
 from medcare_dist.method import adapter_io
 from medcare_dist.config import STEPS, build_ds_config, resolve_dtype
-from medcare_dist.training.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
+from medcare_dist.training.distributed import (all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                                              init_distributed)
 from medcare_dist.errors import InputError
 from medcare_dist.training.faults import injected_failure
 from medcare_dist.method.injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
@@ -34,9 +35,10 @@ from medcare_dist.training.modeling import device_type, enable_gradient_checkpoi
 from medcare_dist.training.packing import collate_packed, supports_packing
 from medcare_dist.method.orthogonal import orthogonality_residual
 from medcare_dist.training.trainer import StageTrainer
-from medcare_dist.training import integrity
+from medcare_dist.training import host_memory, integrity
+from medcare_dist.training.host_memory import GiB, PhaseMemory, engine_tensor_bytes
 from medcare_dist.training.run_lock import RunLock
-from medcare_dist.training.zero import mark_adapter_leaf_modules
+from medcare_dist.training.zero import fit_reduce_bucket, mark_adapter_leaf_modules, release_engine
 
 log = logging.getLogger("medcare_dist")
 
@@ -110,6 +112,9 @@ class Pipeline:
         check_data_sources(cfg)  # before anything is written: a stage without data is a recipe error
         self.cfg = cfg
         self.rank, self.world = init_distributed(cfg.fault_tolerance.collective_timeout_s)
+        # What a rank holds before any model or data: the interpreter, torch, transformers, DeepSpeed, the process group.
+        self.memory = PhaseMemory()
+        self.runtime_bytes = host_memory.status().get("rss", 0)
         self.out = Path(cfg.output_dir)
         self._prepare_output_dir()
         setup_logging(self.rank, self.out / "train.log")
@@ -569,20 +574,24 @@ class Pipeline:
         # parameters' gradients are accumulated and releases them too early.
         model.enable_input_require_grads()
         mark_adapter_leaf_modules(model, ds_config)
-        trainer = StageTrainer(stage, model, dataset, collate, stage_cfg, ds_config, self.out / stage, self.rank,
-                               self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.trackers,
-                               self.cfg.fault_tolerance.max_nonfinite_steps,
-                               self._resume_signature(stage, stage_cfg, data_key),
-                               noise_drop_prob=self.cfg.adapters.noise_drop_prob if stage == "stage1" else 0.0,
-                               eval_dataset=eval_set)
-        if self.cfg.resume:
-            trainer.maybe_resume()
         n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                           for p in model.parameters() if p.requires_grad)
+        ds_config = fit_reduce_bucket(ds_config, n_trainable)
+        with self.memory.phase(f"{stage}/engine", trim=True):  # trim: the loader's freed temporaries
+            trainer = StageTrainer(stage, model, dataset, collate, stage_cfg, ds_config, self.out / stage, self.rank,
+                                   self.world, self.cfg.seed, self.cfg.logging, measure_orthogonality, self.trackers,
+                                   self.cfg.fault_tolerance.max_nonfinite_steps,
+                                   self._resume_signature(stage, stage_cfg, data_key),
+                                   noise_drop_prob=self.cfg.adapters.noise_drop_prob if stage == "stage1" else 0.0,
+                                   eval_dataset=eval_set)
+        if self.cfg.resume:
+            trainer.maybe_resume()
         log.info("%s: %d samples, %d optimizer steps (global batch %d = micro %d x ranks %d x accum %d), "
                  "%.2fM trainable parameters", stage, len(dataset), trainer.total_steps, trainer.global_batch,
                  trainer.micro, self.world, trainer.grad_accum, n_trainable / 1e6)
-        result = trainer.train()
+        with self.memory.phase(f"{stage}/train"):
+            result = trainer.train()
+        tensors = engine_tensor_bytes(trainer.engine)
         best = self.out / stage / "best_adapters"
         if stage_cfg.save_best and (best / integrity.MANIFEST_NAME).is_file():
             # The stage's output is its best validation step's adapters (written by the trainer when it was best).
@@ -598,7 +607,8 @@ class Pipeline:
         else:
             adapter_io.save_adapters(model, self.out / stage / "adapters", extra={"stage": stage},
                                      is_writer=self.rank == 0)
-        summary = {**result.summary(), "samples": len(dataset), "data": stats.to_dict()}
+        summary = {**result.summary(), "samples": len(dataset), "data": stats.to_dict(),
+                   "host_memory": self._stage_memory(stage, tensors)}
         if measure_orthogonality:
             summary["orthogonality_residual"] = orthogonality_residual(model)
         barrier()
@@ -606,18 +616,19 @@ class Pipeline:
             record = {"summary": summary, "result": result.to_state(),
                       "inputs": {"settings": self._step_settings(stage), "upstream": self._step_upstream(stage)}}
             integrity.atomic_write_text(self.out / stage / "result.json", json.dumps(record, indent=1))
-        del trainer
-        gc.collect()
+        release_engine(trainer.engine)
         return summary
 
     def stage1(self):
         cfg = self.cfg
         ds_config = build_ds_config(cfg, cfg.stage1, self.world, self.dtype)
-        data = self._dataset("stage1")  # bad data stops the run before the model is loaded
-        model = load_base_model(self.base_path, self.dtype, cfg.model.attn_implementation, ds_config,
-                                cfg.model.trust_remote_code)
-        torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
-        add_stage1_adapters(model, cfg.adapters)
+        with self.memory.phase("stage1/data"):
+            data = self._dataset("stage1")  # bad data stops the run before the model is loaded
+        with self.memory.phase("stage1/load"):
+            model = load_base_model(self.base_path, self.dtype, cfg.model.attn_implementation, ds_config,
+                                    cfg.model.trust_remote_code)
+            torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
+            add_stage1_adapters(model, cfg.adapters)
         return self._train_stage("stage1", data, model, cfg.stage1, ds_config, measure_orthogonality=False)
 
     def merge(self):
@@ -642,6 +653,26 @@ class Pipeline:
             log.info("merge: attention LoRA folded, Noise Aggregator dropped -> %s", target)
         barrier()
 
+    def _stage_memory(self, stage: str, tensors: dict) -> list[dict]:
+        """Every rank's resident memory in this stage's phases (bytes) and its training tensors, in rank order."""
+        mine = {"runtime": self.runtime_bytes, "tensors": tensors,
+                "phases": {k: v for k, v in self.memory.as_dict().items() if k.startswith(stage + "/")}}
+        return all_gather_object(mine)
+
+    def _write_host_memory(self):
+        """<output_dir>/host_memory.json: every rank's phases of this run (a collective) and a log table."""
+        ranks = all_gather_object({"runtime": self.runtime_bytes, "phases": self.memory.as_dict()})
+        if self.rank != 0 or not self.memory.available:
+            return
+        integrity.atomic_write_text(self.out / "host_memory.json", json.dumps({"ranks": ranks}, indent=1))
+        names = list(ranks[0]["phases"])
+        log.info("host memory per rank (GiB, resident set; peak within each phase / at its end):")
+        log.info("  %-14s %s", "runtime", "  ".join(f"r{i} {r['runtime'] / GiB:6.2f}" for i, r in enumerate(ranks)))
+        for name in names:
+            log.info("  %-14s %s", name, "  ".join(
+                f"r{i} {r['phases'][name]['peak'] / GiB:6.2f}/{r['phases'][name]['end'] / GiB:5.2f}"
+                for i, r in enumerate(ranks) if name in r["phases"]))
+
     def _stage1_dir(self) -> Path:
         if "stage1" in self.steps:
             return self.out
@@ -657,17 +688,19 @@ class Pipeline:
                                           self.rank, self.world)
         meta = adapter_io.read_adapter_config(merged / "knowledge_adapters")
         ds_config = build_ds_config(cfg, cfg.stage2, self.world, self.dtype)
-        data = self._dataset("stage2")
+        with self.memory.phase("stage2/data"):
+            data = self._dataset("stage2")
         protected = self._knowledge_input_bases(merged) if cfg.adapters.protect_inputs_energy > 0 else None
-        model = load_base_model(merged, self.dtype, cfg.model.attn_implementation, ds_config,
-                                cfg.model.trust_remote_code)
-        adapter_io.check_compatible(model, meta, merged / "knowledge_adapters")
-        adapter_io.load_adapters(model, merged / "knowledge_adapters")
-        torch.manual_seed(cfg.seed + 1)
-        try:
-            add_stage2_adapters(model, cfg.adapters, protected)
-        except ValueError as e:  # an alignment rank the knowledge subspace of init_from leaves no room for
-            raise PipelineError(f"adapters.align_rank={cfg.adapters.align_rank} on {merged}: {e}") from None
+        with self.memory.phase("stage2/load"):
+            model = load_base_model(merged, self.dtype, cfg.model.attn_implementation, ds_config,
+                                    cfg.model.trust_remote_code)
+            adapter_io.check_compatible(model, meta, merged / "knowledge_adapters")
+            adapter_io.load_adapters(model, merged / "knowledge_adapters")
+            torch.manual_seed(cfg.seed + 1)
+            try:
+                add_stage2_adapters(model, cfg.adapters, protected)
+            except ValueError as e:  # an alignment rank the knowledge subspace of init_from leaves no room for
+                raise PipelineError(f"adapters.align_rank={cfg.adapters.align_rank} on {merged}: {e}") from None
         return self._train_stage("stage2", data, model, cfg.stage2, ds_config, measure_orthogonality=True)
 
     def _merged_base(self) -> Path:
@@ -751,8 +784,12 @@ class Pipeline:
                 log.info("%s: redoing it from scratch (%s)", step, f"restart_from={self.cfg.restart_from}"
                          if self.cfg.restart_from else "inputs changed")
                 self._discard(step)
-            getattr(self, step)()
-            barrier()
+            with self.memory.phase(step, trim=True):
+                getattr(self, step)()
+                barrier()
+            gc.collect()  # the step's model is in reference cycles (module hooks): free it before the next loads
+            host_memory.release_free_heap()  # and give its pages back to the OS
+        self._write_host_memory()
         report = None
         if self.rank == 0:
             from medcare_dist.report import write_report

@@ -5,6 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
+import helpers  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
@@ -26,3 +28,26 @@ def tiny_assets(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return {"base": root / "base", "stage1": demo.files["stage1_train"], "stage2": demo.files["stage2_train"]}
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A gloo process group of one rank for in-process engines; torn down so later tests can make their own."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    import deepspeed.comm
+
+    from medcare_dist.training.distributed import init_distributed
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(helpers.free_port()), RANK="0",
+                               WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+            mp.setenv(key, value)
+        init_distributed(timeout_s=120)
+        try:
+            yield
+        finally:
+            deepspeed.comm.destroy_process_group()

@@ -6,7 +6,6 @@ One process, a gloo world of one, a tiny ZeRO-3 engine on the CPU: a few seconds
 import copy
 import pickle
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,35 +19,6 @@ DS_CONFIG = {
     "steps_per_print": 10**9,
 }
 SAVED_STEP = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def world():
-    """A gloo process group of one rank for in-process engines; torn down so later tests can make their own."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    import deepspeed.comm
-
-    from medcare_dist.training.distributed import init_distributed
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
-            mp.setenv(key, value)
-        init_distributed(timeout_s=120)
-        try:
-            yield
-        finally:
-            deepspeed.comm.destroy_process_group()
 
 
 def make_engine(seed: int):

@@ -432,6 +432,8 @@ class Workload:
     global_batch: int = 128
     dtype: str = "bf16"
     gradient_checkpointing: bool = True
+    device: str = "cuda"           # where the step runs: sets the loss's chunk size (cpu ranks: launch/bench_memory.py)
+    loss_chunk_tokens: int = 0     # model.loss_chunk_tokens; 0: auto (1 GiB of fp32 logits on a GPU, 64 MiB on a CPU)
 
 
 def zero_settings(ds_config: Optional[dict], stage: Optional[int] = None, offload: Optional[bool] = None) -> dict:
@@ -490,6 +492,16 @@ def activation_bytes_per_layer(shape: ModelShape, adapters, stage: int, tokens: 
         width = adapters.shared_rank + adapters.align_rank
         total += n_mlp * 2 * T * width * w
     return float(total)
+
+
+def loss_bytes(tokens: int, shape: ModelShape, work: Workload) -> float:
+    """The chunked loss (medcare_dist.training.loss): one chunk's fp32 logits and their gradient, plus the
+    fp32 gradient with respect to the hidden states it accumulates in the forward."""
+    from medcare_dist.training.loss import CHUNK_BUDGET_BYTES
+
+    chunk = work.loss_chunk_tokens or max(16, CHUNK_BUDGET_BYTES.get(work.device, CHUNK_BUDGET_BYTES["cpu"])
+                                          // (4 * shape.vocab_size))
+    return float(2 * min(tokens, chunk) * shape.vocab_size * 4 + tokens * shape.hidden_size * 4)
 
 
 def flops_per_token(shape: ModelShape, params: list, stage: int, seq: int, checkpointing: bool) -> float:
@@ -574,9 +586,9 @@ def plan(shape: ModelShape, cluster: Cluster, work: Workload, zero: dict, adapte
                                            work.seq_len)
     act_full = per_layer * shape.num_hidden_layers
     act_ckpt = per_micro_tokens * shape.hidden_size * w * shape.num_hidden_layers + per_layer
-    logits = per_micro_tokens * shape.vocab_size * (2 * w + 4)
+    logits = loss_bytes(per_micro_tokens, shape, work)
     mem["activations"] = act_ckpt if work.gradient_checkpointing else act_full
-    mem["logits and loss (fp32 log-softmax chunks)"] = logits
+    mem["logits and loss (fp32 chunks of labelled positions)"] = logits
     mem["runtime overhead (CUDA context, allocator)"] = 1.5 * GiB
     total = sum(mem.values())
     total_other = total - mem["activations"]
@@ -823,6 +835,11 @@ def _parser():
     p.add_argument("--pcie-gbs", type=float, default=25.0, help="GB/s host <-> GPU for offload (default 25)")
     p.add_argument("--overlap", type=float, default=0.7,
                    help="fraction of communication hidden behind compute (default 0.7)")
+    p.add_argument("--host-runtime-gib", type=float, default=None,
+                   help="host memory of one rank before any model or data (default: 0.58, measured on CPU ranks; "
+                        "a CUDA rank adds its libraries' host memory, so measure and pass it)")
+    p.add_argument("--host-mem", type=float, default=None, metavar="GIB",
+                   help="a node's host memory: say whether the job's host peak fits it")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--write-ds-config", metavar="FILE", help="write the recommended DeepSpeed JSON here")
     p.add_argument("--measure", action="store_true",
@@ -858,7 +875,8 @@ def _inputs(args):
                     seq_len=args.seq_len or (cfg.data.max_length if cfg is not None else 3072),
                     micro_batch=args.micro_batch or (stage_cfg.micro_batch_size if stage_cfg else 4),
                     global_batch=args.global_batch or (stage_cfg.global_batch_size if stage_cfg else 128),
-                    dtype=dtype, gradient_checkpointing=ckpt)
+                    dtype=dtype, gradient_checkpointing=ckpt,
+                    loss_chunk_tokens=cfg.model.loss_chunk_tokens if cfg is not None else 0)
     for name in ("seq_len", "micro_batch", "global_batch"):
         if getattr(work, name) <= 0:
             raise PlanError(f"--{name.replace('_', '-')} must be > 0")
@@ -887,6 +905,13 @@ def main(argv=None):
     try:
         shape, cluster, work, zero, adapters, _ = _inputs(args)
         result = recommend(shape, cluster, work, zero, adapters)
+        from medcare_dist.cluster.host_plan import host_memory
+
+        chosen = result["recommended"]["plan"] if result["recommended"] else result["plan"]
+        runtime = int(args.host_runtime_gib * GiB) if args.host_runtime_gib is not None else None
+        result["host_memory"] = host_memory(chosen, shape, adapters, "cuda", runtime)
+        if args.host_mem is not None:
+            result["host_memory"]["fits"] = result["host_memory"]["node_peak_bytes"] <= args.host_mem * GiB
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -900,8 +925,14 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:
+        from medcare_dist.cluster.host_plan import format_host_memory
+
         print(format_report(result))
-    return 0 if result["fits"] else 3
+        print("\n" + "\n".join(format_host_memory(result["host_memory"])))
+        if "fits" in result["host_memory"]:
+            print(f"  {'fits' if result['host_memory']['fits'] else 'DOES NOT FIT'} a node of {args.host_mem:.0f} GiB")
+    fits = result["fits"] and result["host_memory"].get("fits", True)
+    return 0 if fits else 3
 
 
 # --------------------------------------------------------------------------- measurement (under a launcher)

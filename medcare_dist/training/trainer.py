@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from medcare_dist.training import checkpoint as ckpt
 from medcare_dist.training import preemption
 from medcare_dist.training.faults import injected_failure, injected_nonfinite, poison
+from medcare_dist.training.host_memory import release_free_heap
 from medcare_dist.method.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, _AdapterBase
 from medcare_dist.training.distributed import all_reduce_sum
 from medcare_dist.method.injection import last_penalty_total, pop_expert_counts, set_noise_aggregator_off, set_penalty_grad_scale
@@ -420,6 +421,11 @@ class StageTrainer:
                 bar.close()
                 preemption.exit_for_requeue(f"{self.name}: checkpoint at step {step + 1} after a preemption signal")
             injected_failure(self.name, step + 1, self.rank)
+            if self.device.type == "cpu":
+                # Between steps nothing is live but the static state: hand the freed activations' and gathered
+                # weights' pages back, or fragmentation grows the resident set step after step (measured at
+                # 0.5B on 2 ranks: 3.7 GiB at step 1, 5.7 GiB by step 2).
+                release_free_heap()
         bar.close()
         set_noise_aggregator_off(self.model, False)
         res.seconds += time.perf_counter() - t_stage
