@@ -236,7 +236,7 @@ class PeakMemory:
                     continue
                 try:
                     env = Path(f"/proc/{pid}/environ").read_bytes()
-                    if self.tag not in env:
+                    if self.tag not in env.split(b"\0"):  # the whole entry: "peer-0" is not "peer-01"
                         continue
                     rank = next((v.split(b"=", 1)[1].decode() for v in env.split(b"\0")
                                  if v.startswith(b"LOCAL_RANK=")), None)
@@ -245,7 +245,10 @@ class PeakMemory:
                     status = Path(f"/proc/{pid}/status").read_text()
                 except OSError:
                     continue
-                hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+                hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                            if line.startswith("VmHWM:")), None)
+                if hwm is None:
+                    continue  # a rank exiting (or exited, not yet reaped) has no memory lines left
                 self.peaks[rank] = max(self.peaks.get(rank, 0), hwm)
             time.sleep(0.1)
 
@@ -261,6 +264,7 @@ def free_port() -> int:
 
 
 def launch(argv: list, tag: str, log: Path) -> tuple[float, dict]:
+    tag = f"{os.getpid()}-{tag}"  # another benchmark driver on the machine uses the same variant names
     # A fixed glibc mmap threshold for every variant alike (as launch/bench_train.py): freed activations go
     # back to the OS, so the resident set follows the live tensors instead of the allocator's arenas.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
