@@ -8,7 +8,7 @@ stage from its newest complete checkpoint:
   merged_base/   HF model with the attention LoRA folded in; knowledge_adapters/ (KA)
   stage2/        adapters/ (KA + alignment LoRA), checkpoints/, tokenized/, result.json
   final/         plain HF model (safetensors) with every adapter folded in
-  report.json, report.md, *.png, tensorboard/, train.log
+  report.json, report.md, *.png, tensorboard/, train.log, host_memory.json (every rank's memory per phase)
 """
 
 import gc
