@@ -4,6 +4,7 @@
                                              # 12 steps each, about 10 minutes
     python launch/bench_peer.py --quick      # CPU: 2 layers, hidden 256, 512 tokens, 4 steps each, 2-3 minutes
     python launch/bench_peer.py --json       # the JSON report on stdout (the table goes to stderr)
+    python launch/bench_peer.py --ours-checkpointing   # ours with gradient checkpointing too, like the peer
 
 peer      transformers.Trainer + peft LoRA + DeepSpeed ZeRO-3 the way LLaMA-Factory runs them by default: the
           model loaded with from_pretrained under the Trainer's DeepSpeed config (zero.Init), LoRA r 8, alpha 16,
@@ -71,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--ours-checkpointing", action="store_true",
+                   help="our variants with gradient checkpointing on, as our model recipes have it and the peer "
+                        "runs (default: off, as launch/recipes/demo.yaml)")
     p.add_argument("--worker", choices=["peer"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -146,7 +150,8 @@ def settings(args) -> dict:
     quick = args.quick
     return {"layers": args.layers or (2 if quick else 4), "hidden": args.hidden or (256 if quick else 512),
             "vocab": args.vocab, "max_length": args.max_length or (512 if quick else 1024), "micro": args.micro_batch,
-            "global": args.global_batch, "steps": args.steps or (4 if quick else 12)}
+            "global": args.global_batch, "steps": args.steps or (4 if quick else 12),
+            "ours_checkpointing": getattr(args, "ours_checkpointing", False)}
 
 
 def build_inputs(s: dict, root: Path, demo_dir: Path = None, min_samples: int = 0) -> dict:
@@ -281,6 +286,17 @@ def launch(argv: list, tag: str, log: Path) -> tuple[float, dict]:
     return wall, {k: mem.peaks[k] for k in sorted(mem.peaks)}
 
 
+def with_recorded_peaks(polled: dict, out: Path) -> dict:
+    """Our ranks reset VmHWM at each phase (medcare_dist.training.host_memory), so a peak in the last 0.1 s of
+    a phase can fall between two polls; their own record of every phase's peak closes that gap."""
+    recorded = json.loads((out / "host_memory.json").read_text())["ranks"]
+    peaks = dict(polled)
+    for rank, r in enumerate(recorded):
+        top = max((ph["peak"] for ph in r["phases"].values()), default=0)
+        peaks[str(rank)] = max(peaks.get(str(rank), 0), top)
+    return peaks
+
+
 def run_variant(variant: str, s: dict, inputs: dict, root: Path, n: int, stage1_dir: Path = None) -> dict:
     """One variant's launch; stage 2 starts from stage1_dir (a finished stage-1 output_dir) when given, else
     from a one-step stage 1 run once under root."""
@@ -291,7 +307,8 @@ def run_variant(variant: str, s: dict, inputs: dict, root: Path, n: int, stage1_
               f"stage2.global_batch_size={s['global']}", "data.stage2_replay=0", "logging.report_to=[]",
               "logging.progress_bar=false", "evaluation.report_models=[]", "evaluation.general_retention=false",
               "stage1.save_every=0", "stage2.save_every=0", f"model.path={inputs['model']}",
-              f"data.stage1=[{inputs['samples']}]", f"data.stage2=[{inputs['samples']}]", "data.demo=false"]
+              f"data.stage1=[{inputs['samples']}]", f"data.stage2=[{inputs['samples']}]", "data.demo=false",
+              f"model.gradient_checkpointing={str(s.get('ours_checkpointing', False)).lower()}"]
     recipe = ["launch/train.py", "--recipe", "launch/recipes/demo.yaml"]
     if variant == "peer":
         spec = {"model": inputs["model"], "rows": inputs["rows"], "out": str(out), "result": str(out) + ".json",
@@ -312,6 +329,8 @@ def run_variant(variant: str, s: dict, inputs: dict, root: Path, n: int, stage1_
         wall, peaks = launch([*recipe, f"output_dir={out}", "stage=2", f"init_from={base}", *common],
                              f"stage2-{n}", root / f"stage2-{n}.log")
         res = json.loads((out / "stage2" / "result.json").read_text())["summary"]
+    if variant != "peer":
+        peaks = with_recorded_peaks(peaks, out)
     return {"tokens_per_s": res["tokens_per_s"], "train_seconds": res["seconds"], "wall_seconds": wall,
             "peak_rss_bytes": peaks, "peak_rss_max_bytes": max(peaks.values()) if peaks else None,
             **({"trainable_parameters": res["trainable_parameters"]} if "trainable_parameters" in res else {})}
