@@ -3,9 +3,10 @@ side by side with the peer, and the planner's step time and bytes communicated a
 
     python launch/bench_scaling.py           # CPU: max_length 512, 1024, 2048, 4096 at hidden 256, and hidden
                                              # 256, 512, 768 at 1024 (6 points), 2 layers, global batch 4
-                                             # (micro 2, 2 ranks), 3 steps
+                                             # (micro 2, 2 ranks), 3 steps: 12-13 minutes on 2 cores
     python launch/bench_scaling.py --quick   # 2 small points, 2 steps: a smoke test (figures under runs/)
     python launch/bench_scaling.py --json    # the JSON report on stdout (the tables go to stderr)
+    python launch/bench_scaling.py --ours-checkpointing   # ours (and the planner's steps) with recompute too
 
 At every point, in turn, in one run (launch/bench_peer.py's functions, 2 ZeRO-3 ranks on the CPU under
 `deepspeed --num_gpus 2`, the same base model, samples, global batch, micro-batch, maximum length and steps):
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=int, default=4)
     p.add_argument("--steps", type=int, help="optimizer steps per variant (default 3, --quick 2)")
     p.add_argument("--planner-steps", type=int, default=2, help="plan.py --measure steps; the last one is timed")
+    p.add_argument("--ours-checkpointing", action="store_true",
+                   help="our variants and the planner's steps with gradient checkpointing, as the peer runs "
+                        "(default: off, as launch/recipes/demo.yaml; see bench_peer.py)")
     p.add_argument("--out", help="JSON report (default runs/bench_scaling.json, --quick runs/bench_scaling_quick.json)")
     p.add_argument("--plot-dir", help="where scaling_seq.png and scaling_width.png go (default docs, --quick runs)")
     return p.parse_args(argv)
@@ -84,7 +88,8 @@ def sweep_points(seq_lengths, widths, fixed_width: int, fixed_length: int) -> li
 def point_settings(args, point: dict) -> dict:
     """bench_peer's settings dict for one point."""
     return {"layers": args.layers, "hidden": point["hidden"], "vocab": args.vocab, "max_length": point["max_length"],
-            "micro": args.micro_batch, "global": args.global_batch, "steps": args.steps}
+            "micro": args.micro_batch, "global": args.global_batch, "steps": args.steps,
+            "ours_checkpointing": args.ours_checkpointing}
 
 
 def measure_planner(s: dict, inputs: dict, root: Path, steps: int) -> dict:
@@ -93,6 +98,7 @@ def measure_planner(s: dict, inputs: dict, root: Path, steps: int) -> dict:
     wall, peaks = launch(["launch/plan.py", "--measure", "--calibrate", "--recipe", "launch/recipes/demo.yaml",
                           "--model", inputs["model"], "--seq-len", str(s["max_length"]), "--micro-batch",
                           str(s["micro"]), "--global-batch", str(s["global"]), "--steps", str(steps),
+                          "--checkpointing" if s["ours_checkpointing"] else "--no-checkpointing",
                           "--measure-out", str(out)], f"plan-{root.name}", root / "plan-measure.log")
     rep = json.loads(out.read_text())
     comm = {r["collective"]: {k: r[k] for k in ("predicted", "measured", "ratio")} for r in rep["communication"]}
@@ -271,6 +277,7 @@ def main(argv=None):
         results.append(run_point(args, point, demo_dir, work))
     report = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "total_seconds": time.perf_counter() - t0,
               "settings": {"layers": args.layers, "vocab": args.vocab, "micro": args.micro_batch,
+                           "ours_checkpointing": args.ours_checkpointing,
                            "global": args.global_batch, "steps": args.steps, "planner_steps": args.planner_steps,
                            "seq_lengths": args.seq_lengths, "widths": args.widths, "fixed_width": args.fixed_width,
                            "fixed_length": args.fixed_length},
