@@ -123,7 +123,7 @@ def predict(case: str, root: Path, overrides: list[str]) -> dict:
         zero = zero_settings(build_ds_config(cfg, stage_cfg, 2, "fp32"))
         p = plan(shape, Cluster(nodes=1, gpus_per_node=2), work, zero, cfg.adapters)
         result[stage] = {"tokens_per_micro_batch": tokens, "plan_memory": p["memory"]["per_gpu_bytes"],
-                         "host": host_memory(p, shape, cfg.adapters, "cpu")}
+                         "host": host_memory(p, "cpu")}
     return result
 
 

@@ -784,11 +784,11 @@ class Pipeline:
                 log.info("%s: redoing it from scratch (%s)", step, f"restart_from={self.cfg.restart_from}"
                          if self.cfg.restart_from else "inputs changed")
                 self._discard(step)
+            # trim: what the previous step freed goes back to the OS before this one is measured
             with self.memory.phase(step, trim=True):
                 getattr(self, step)()
                 barrier()
             gc.collect()  # the step's model is in reference cycles (module hooks): free it before the next loads
-            host_memory.release_free_heap()  # and give its pages back to the OS
         self._write_host_memory()
         report = None
         if self.rank == 0:

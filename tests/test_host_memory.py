@@ -123,7 +123,7 @@ def test_cpu_ranks_hold_the_whole_plan_and_rank0_the_checkpoint_and_the_merge():
     params = unique_params(build_model(SHAPE, AdapterConfig(), 1)[0])
     n_frozen = sum(q.numel for q in params if not q.trainable)
     largest = max(q.numel for q in params if not q.trainable)
-    h = host_memory(p, SHAPE, AdapterConfig(), "cpu")
+    h = host_memory(p, "cpu")
     rows = p["memory"]["per_gpu_bytes"]
     live = sum(v for k, v in rows.items() if not k.startswith("runtime overhead"))
     assert h["phases"]["train"]["other"] == CPU_RUNTIME_BYTES + live + 2 * 100000 * 4
@@ -141,12 +141,12 @@ def test_cpu_ranks_hold_the_whole_plan_and_rank0_the_checkpoint_and_the_merge():
 
 def test_gpu_ranks_hold_only_the_runtime_and_what_is_offloaded_while_training():
     runtime = 3 * 2 ** 30
-    h = host_memory(_plan("cuda", world=8), SHAPE, AdapterConfig(), "cuda", runtime_bytes=runtime)
+    h = host_memory(_plan("cuda", world=8), "cuda", runtime_bytes=runtime)
     assert h["phases"]["train"]["other"] == runtime
     assert h["phases"]["load"]["other"] == runtime  # the gathered tensor is on the device
     p = _plan("cuda", offload=True, world=8)
-    h = host_memory(p, SHAPE, AdapterConfig(), "cuda", runtime_bytes=runtime)
+    h = host_memory(p, "cuda", runtime_bytes=runtime)
     offloaded = sum(p["memory"]["cpu_bytes_per_node"].values()) / 8
     assert offloaded > 0 and h["phases"]["train"]["other"] == runtime + offloaded
     assert h["node_bytes"]["train"] == 8 * (runtime + offloaded)
-    assert host_memory(_plan("cuda"), SHAPE, AdapterConfig(), "cuda")["notes"]  # runtime not measured: said so
+    assert host_memory(_plan("cuda"), "cuda")["notes"]  # runtime not measured: said so

@@ -23,14 +23,14 @@ at the same time (rank 0's merge runs while the others wait).
 
 from __future__ import annotations
 
-from medcare_dist.cluster.planner import DTYPE_BYTES, GiB, build_model, unique_params
+from medcare_dist.cluster.planner import DTYPE_BYTES, GiB
 
 # RSS of a rank before it loads any data or model (launch/bench_memory.py, 2-core CPU, 2026-12-01: 0.58 GiB on
 # both the demo and the 0.5B run; torch 2.13, transformers 5.24, DeepSpeed 0.19.8).
 CPU_RUNTIME_BYTES = int(0.58 * GiB)
 
 
-def host_memory(p: dict, shape, adapters, device: str = "cuda", runtime_bytes: int | None = None,
+def host_memory(p: dict, device: str = "cuda", runtime_bytes: int | None = None,
                 checkpoint_dtype: str | None = None) -> dict:
     """Host bytes per rank (rank 0 and the others) in each phase, and per node, for plan() output `p`."""
     if device not in ("cpu", "cuda"):
@@ -43,11 +43,8 @@ def host_memory(p: dict, shape, adapters, device: str = "cuda", runtime_bytes: i
                          "not measured here (--host-runtime-gib sets the whole figure)")
     w = DTYPE_BYTES[p["workload"]["dtype"]]
     ckpt_w = DTYPE_BYTES.get(checkpoint_dtype or p["workload"]["dtype"], w)
-    root, _ = build_model(shape, adapters, p["stage"])
-    params = unique_params(root)
-    frozen = [q for q in params if not q.trainable]
-    n_frozen = sum(q.numel for q in frozen)
-    largest = max((q.numel for q in frozen), default=0)
+    n_frozen = p["parameters"]["frozen"]
+    largest = p["parameters"]["largest_backbone_tensor"]
     world = p["cluster"]["world"]
     per_node = p["cluster"]["gpus_per_node"]
     gpu = p["memory"]["per_gpu_bytes"]

@@ -654,6 +654,7 @@ def plan(shape: ModelShape, cluster: Cluster, work: Workload, zero: dict, adapte
         "parameters": {"frozen": n_frozen, "trainable": n_train,
                        "persistent": sum(p.numel for p in params if p.persist and stage3),
                        "largest_adapter_tensor": max((p.numel for p in train), default=0),
+                       "largest_backbone_tensor": max((p.numel for p in frozen), default=0),
                        "smallest_backbone_matrix": min((p.numel for p in frozen if p.name.endswith(".weight")
                                                         and "norm" not in p.name), default=0)},
         "memory": memory,
@@ -909,7 +910,7 @@ def main(argv=None):
 
         chosen = result["recommended"]["plan"] if result["recommended"] else result["plan"]
         runtime = int(args.host_runtime_gib * GiB) if args.host_runtime_gib is not None else None
-        result["host_memory"] = host_memory(chosen, shape, adapters, "cuda", runtime)
+        result["host_memory"] = host_memory(chosen, "cuda", runtime)
         if args.host_mem is not None:
             result["host_memory"]["fits"] = result["host_memory"]["node_peak_bytes"] <= args.host_mem * GiB
     except PlanError as e:
@@ -1113,8 +1114,10 @@ def calibrate_rates(dtype: str, world: int, gemm_n: int = 2048, gather_bytes: in
     import torch
     from deepspeed.accelerator import get_accelerator
 
+    from medcare_dist.training.modeling import TORCH_DTYPES
+
     device = get_accelerator().current_device_name()
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(gemm_n, gemm_n, generator=gen).to(device, torch_dtype)
     b = torch.randn(gemm_n, gemm_n, generator=gen).to(device, torch_dtype)
@@ -1165,29 +1168,21 @@ def measured_cluster(args, nodes: int, gpus_per_node: int, calibration: Optional
 
 def _static_memory(engine) -> dict:
     """Bytes this rank holds for parameters (partitions + persistent) and the optimizer's fp32 state."""
-    import torch
+    from medcare_dist.training.host_memory import engine_tensor_bytes
 
-    frozen = trainable = 0
+    held = engine_tensor_bytes(engine)
+    trainable = 0
     for p in engine.module.parameters():
+        if not p.requires_grad:
+            continue
         shard = getattr(p, "ds_tensor", None)
         if shard is None or getattr(p, "ds_persist", False):  # whole on this rank (persistent, or not ZeRO-3)
-            n = getattr(p, "ds_numel", p.numel()) * p.element_size()
+            trainable += getattr(p, "ds_numel", p.numel()) * p.element_size()
         else:
-            n = shard.numel() * shard.element_size()
-        if p.requires_grad:
-            trainable += n
-        else:
-            frozen += n
-    opt = engine.optimizer
-    states = 0
-    inner = getattr(opt, "optimizer", opt)
-    for st in getattr(inner, "state", {}).values():
-        for v in st.values():
-            if torch.is_tensor(v) and v.dim() > 0:
-                states += v.numel() * v.element_size()
-    for flat in getattr(opt, "fp32_partitioned_groups_flat", []) or []:
-        states += flat.numel() * flat.element_size()
-    return {"frozen_bytes": frozen, "trainable_bytes": trainable, "optimizer_bytes": states}
+            trainable += shard.numel() * shard.element_size()
+    return {"frozen_bytes": held["backbone partitions"] + held["backbone whole tensors (persistent or unpartitioned)"],
+            "trainable_bytes": trainable,
+            "optimizer_bytes": held["adapter fp32 master partitions"] + held["Adam moments"]}
 
 
 def _demo_model_dir(cfg, rank, barrier) -> Path:
