@@ -274,7 +274,7 @@ def _reference_classes():
             kw = {"dtype": layer.align_A.dtype, "device": layer.align_A.device}
             self.weight, self.bias = layer.base.weight, layer.base.bias
             self.scaling = layer.scaling
-            self.lora_dropout = layer.dropout
+            self.lora_dropout = nn.Dropout(layer.dropout_p) if layer.dropout_p > 0 else nn.Identity()
             self.base = nn.ModuleDict({"lora_A": nn.Linear(d_in, layer.knowledge_rank, bias=False, **kw),
                                        "lora_B": nn.Linear(layer.knowledge_rank, d_out, bias=False, **kw)})
             self.orth = nn.ModuleDict({"lora_A": nn.Linear(d_in, layer.rank, bias=False, **kw),

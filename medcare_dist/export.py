@@ -61,9 +61,8 @@ def lora_factors(name: str, layer) -> dict:
     else:
         raise ExportError(f"{name}: {type(layer).__name__} has no PEFT LoRA mapping")
     r = a.shape[0]
-    dropout = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
     return {"A": a.detach().cpu().contiguous(), "B": b.detach().cpu().contiguous(), "r": r,
-            "alpha": float(layer.scaling) * r, "dropout": dropout}
+            "alpha": float(layer.scaling) * r, "dropout": layer.dropout_p}
 
 
 def _layers_from_checkpoint(adapter_dir):

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.lora_linear import LoRALinearFunction, dropout_keep_mask, lora_linear, lora_linear_torch
 from medcare_dist.method.adapter_io import AdapterCheckpointError, load_adapters, save_adapters
-from medcare_dist.method.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear, add_low_rank
+from medcare_dist.method.adapters import LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear
 from medcare_dist.method.injection import (add_stage1_adapters, add_stage2_adapters, adapter_layers, merge_all,
                                     merge_attention_lora, pop_expert_counts, set_noise_aggregator_off)
 from medcare_dist.method.orthogonal import orthogonality_residual
@@ -317,24 +318,122 @@ def test_invalid_shapes_rejected():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7, 12, 5, 3), (2, 9, 33, 17, 8)])
-def test_add_low_rank_matches_float64_reference_with_gradients(dtype, shape):
-    *lead, out, r = shape
-    g = torch.Generator().manual_seed(len(shape))
-    y0 = torch.randn(*lead, out, generator=g, dtype=torch.float64)
-    h0 = torch.randn(*lead, r, generator=g, dtype=torch.float64)
-    b0 = torch.randn(out, r, generator=g, dtype=torch.float64)
-    leaves = [t.to(dtype).requires_grad_() for t in (y0, h0, b0)]
-    got = add_low_rank(*leaves, 0.75)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_lora_linear_matches_float64_reference_with_gradients(dtype, shape, p, bias, trainable_base):
+    """LoRALinearFunction (1-byte mask saved, dropped input rebuilt in the backward, base and adapter sharing
+    one output and one input-gradient buffer) against plain float64 autograd with the same mask: the output
+    and the gradients of x, A, B, and of the base weight and bias when they train."""
+    *lead, d_in, out, r = shape
+    g = torch.Generator().manual_seed(len(shape) + int(10 * p) + 2 * bias)
+    x0 = torch.randn(*lead, d_in, generator=g, dtype=torch.float64)
+    w0, b0 = torch.randn(out, d_in, generator=g, dtype=torch.float64), torch.randn(out, generator=g,
+                                                                                     dtype=torch.float64)
+    a0, bb0 = torch.randn(r, d_in, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g,
+                                                                                    dtype=torch.float64)
+    keep, keep_prob = dropout_keep_mask(x0.shape, p) if p else (None, 1.0)
+    x, a, bb = (t.to(dtype).requires_grad_() for t in (x0, a0, bb0))
+    w = w0.to(dtype).requires_grad_(trainable_base)
+    b = b0.to(dtype).requires_grad_(trainable_base) if bias else None
+    got = LoRALinearFunction.apply(x, w, b, a, bb, 0.75, keep, keep_prob)
     grad_out = torch.randn(got.shape, generator=g, dtype=torch.float64)
     got.backward(grad_out.to(dtype))
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = ref_leaves[0] + 0.75 * ref_leaves[1] @ ref_leaves[2].t()
+    leaves = [t for t in (x, w, b, a, bb) if t is not None and t.requires_grad]
+    refs = {id(t): t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+            for t in (x, w, b, a, bb)}
+    ref = lora_linear_torch(*(refs[id(t)] if t is not None else None for t in (x, w, b, a, bb)), 0.75, keep,
+                            keep_prob)
     ref.backward(grad_out)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     assert got.shape == ref.shape and got.dtype == dtype
-    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
-    for leaf, ref_leaf in zip(leaves, ref_leaves):
-        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=tol, atol=tol * max(1, r))
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1, r) * d_in ** 0.5)
+    assert len(leaves) == (5 if trainable_base and bias else 4 if trainable_base else 3)
+    for leaf in leaves:
+        ref_grad = refs[id(leaf)].grad
+        scale = ref_grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=tol, atol=tol * max(1.0, scale))
+    if not trainable_base:
+        assert w.grad is None
+
+
+def test_dropout_keep_mask_rate_scale_and_replay():
+    """The mask keeps 1 - p of the elements (p rounded to 2^-16), the kept ones scaled so the expectation is
+    1; the same seed draws the same mask, another seed another one."""
+    torch.manual_seed(5)
+    keep, keep_prob = dropout_keep_mask((1000, 1001), 0.05)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1001)
+    assert keep_prob == 1 - round(0.05 * 65536) / 65536
+    frac = keep.float().mean().item()
+    assert abs(frac - keep_prob) < 5 * (keep_prob * (1 - keep_prob) / keep.numel()) ** 0.5  # 5 sigma
+    assert abs(frac / keep_prob - 1) < 1e-3  # E[keep / keep_prob] = 1
+    torch.manual_seed(5)
+    assert torch.equal(dropout_keep_mask((1000, 1001), 0.05)[0], keep)
+    assert not torch.equal(dropout_keep_mask((1000, 1001), 0.05)[0], keep)
+    # rows and columns are not correlated: each column keeps about 1 - p too
+    cols = keep.float().mean(0)
+    assert cols.min() > keep_prob - 0.05 and cols.max() < min(1.0, keep_prob + 0.05)
+    assert dropout_keep_mask((3, 3), 1e-6) == (None, 1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        dropout_keep_mask((3,), 1.0)
+
+
+def test_lora_linear_saves_a_byte_mask_not_the_dropped_input():
+    """What the backward keeps besides the input and the weights: a bool mask and the [tokens, r] product.
+    Plain autograd with nn.Dropout keeps the fp32 noise and the dropped copy instead (both [tokens, in])."""
+    tokens, d_in, out, r = 512, 256, 128, 8
+    x = torch.randn(tokens, d_in, requires_grad=True)
+    W = torch.randn(out, d_in)
+    A, B = torch.randn(r, d_in, requires_grad=True), torch.randn(out, r, requires_grad=True)
+
+    def saved_bytes(fn):
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in {u.untyped_storage().data_ptr() for u in (x, W, A, B)}:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(storages.values())
+
+    ours = saved_bytes(lambda: lora_linear(x, W, None, A, B, 2.0, dropout_p=0.1))
+    plain = saved_bytes(lambda: nn.functional.linear(x, W) + 2.0 * (nn.functional.dropout(x, 0.1, True) @ A.t())
+                        @ B.t())
+    assert ours == tokens * d_in * 1 + tokens * r * 4  # the mask and h
+    assert plain >= 2 * tokens * d_in * 4  # noise and dropped copy
+
+
+def test_lora_dropout_is_the_drawn_mask_and_replays_under_checkpointing():
+    """A LoRALinear in training applies dropout_keep_mask's mask to its adapter input (float64 reference with
+    the same draw), none in eval; reentrant checkpointing replays the same mask, so its gradients are those
+    of the plain run."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(24, 16), rank=4, alpha=8, dropout=0.25)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 7, 24)
+    torch.manual_seed(11)
+    got = layer(x)
+    torch.manual_seed(11)
+    keep, keep_prob = dropout_keep_mask(x.shape, 0.25)
+    xd = x.double() * keep / keep_prob
+    ref = (x.double() @ layer.base.weight.double().t() + layer.base.bias.double()
+           + layer.scaling * (xd @ layer.lora_A.double().t()) @ layer.lora_B.double().t())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    layer.eval()
+    plain = layer.base(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
+    layer.train()
+    grads = []
+    for use_checkpoint in (False, True):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(12)
+        out = checkpoint(layer, xi, use_reentrant=True) if use_checkpoint else layer(xi)
+        out.square().sum().backward()
+        grads.append((xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_noise_aggregator_off_trains_the_model_taia_keeps():

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from kernels import fused_mixture_lora, mixture_lora_torch, project_out_knowledge, route_top_k
+from kernels.lora_linear import dropout_input, lora_linear
 from kernels.projection import orthonormal_basis
 
 ORTHOGONALITY_MODES = ("hard", "soft", "both", "none")
@@ -71,15 +72,6 @@ class _AdapterBase(nn.Module):
         return y
 
 
-def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """y + scaling * h B^T, as one addmm: one [tokens, out] result instead of three (product, scaled,
-    sum), in the forward and in the backward alike."""
-    if h.dtype != y.dtype:
-        return y + (scaling * (h @ B.t())).to(y.dtype)
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=scaling)
-    return out.view(y.shape)
-
-
 def _init_lora_pair(A: torch.Tensor, B: torch.Tensor):
     """Kaiming-uniform A (as nn.Linear initialises its weight), zero B."""
     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -87,7 +79,7 @@ def _init_lora_pair(A: torch.Tensor, B: torch.Tensor):
 
 
 class LoRALinear(_AdapterBase):
-    """y = base(x) + scaling * dropout(x) A^T B^T.
+    """y = base(x) + scaling * dropout(x) A^T B^T (dropout on the adapter's input only, while training).
 
     `role` says where it sits in the method: "attention" (stage 1's q/k/v/o
     LoRA, merged by the TAIA step) or "knowledge" (the Knowledge Aggregator
@@ -106,12 +98,11 @@ class LoRALinear(_AdapterBase):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=weight.dtype, device=weight.device))
         _init_lora_pair(self.lora_A, self.lora_B)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
 
     def forward(self, x):
-        y = self.base(x)
-        xa = self.dropout(x).to(self.lora_A.dtype)
-        return add_low_rank(y, xa @ self.lora_A.t(), self.lora_B, self.scaling)
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                           self.dropout_p if self.training else 0.0)
 
     def delta_weight(self):
         """scaling * B A, the dense update this adapter adds to the base weight."""
@@ -119,7 +110,7 @@ class LoRALinear(_AdapterBase):
 
     def spec(self):
         return {"type": "LoRALinear", "role": self.role, "rank": self.rank, "scaling": self.scaling,
-                "dropout": _dropout_p(self.dropout)}
+                "dropout": self.dropout_p}
 
     @classmethod
     def from_spec(cls, base, spec):
@@ -161,7 +152,7 @@ class MixtureOfLoRALinear(_AdapterBase):
         _init_lora_pair(self.shared_A, self.shared_B)
         for e in range(num_experts):
             _init_lora_pair(self.expert_A.data[e], self.expert_B.data[e])
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
         # Tokens routed to each expert since the last `pop_expert_counts`.
         self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
         # The trainer switches the Noise Aggregator off for some micro-batches (adapters.noise_drop_prob),
@@ -186,9 +177,10 @@ class MixtureOfLoRALinear(_AdapterBase):
                 self.expert_counts = self.expert_counts.to(counts.device) + counts
         args = (self.router.weight, self.router.bias, self.shared_A, self.shared_B,
                 self.expert_A, self.expert_B, self.top_k, self.scaling)
-        if isinstance(self.dropout, nn.Dropout) and self.training:
+        if self.dropout_p > 0 and self.training:
             y = self.base(x2)
-            delta = mixture_lora_torch(x2, None, None, *args, adapter_x=self.dropout(xa), routed_mask=routed_mask)
+            delta = mixture_lora_torch(x2, None, None, *args, adapter_x=dropout_input(xa, self.dropout_p),
+                                       routed_mask=routed_mask)
             y = y + delta.to(y.dtype)
         else:
             y = fused_mixture_lora(x2, self.base.weight, self.base.bias, *args, routed_mask=routed_mask)
@@ -199,7 +191,7 @@ class MixtureOfLoRALinear(_AdapterBase):
     def spec(self):
         return {"type": "MixtureOfLoRALinear", "rank": self.rank, "scaling": self.scaling,
                 "num_experts": self.num_experts, "top_k": self.top_k, "shared_rank": self.shared_rank,
-                "dropout": _dropout_p(self.dropout), "aux_loss_coef": self.aux_loss_coef}
+                "dropout": self.dropout_p, "aux_loss_coef": self.aux_loss_coef}
 
     @classmethod
     def from_spec(cls, base, spec):
@@ -281,7 +273,7 @@ class OrthogonalLoRALinear(_AdapterBase):
         if self.projects:
             with torch.no_grad():
                 self.align_A.copy_(project_out_knowledge(self.align_A, basis=orthonormal_basis(self._protected_rows())))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
 
     @property
     def projects(self):
@@ -314,12 +306,11 @@ class OrthogonalLoRALinear(_AdapterBase):
         return project_out_knowledge(self.align_A, self.knowledge_A.detach())
 
     def forward(self, x):
-        y = self.base(x)
         align_A = self.effective_align_A()
-        xa = self.dropout(x).to(align_A.dtype)
-        a_stack = torch.cat([self.knowledge_A, align_A], dim=0)
+        a_stack = torch.cat([self.knowledge_A, align_A], dim=0)  # one [tokens, r_k + r] product for both
         b_stack = torch.cat([self.knowledge_B, self.align_B], dim=1)
-        y = add_low_rank(y, xa @ a_stack.t(), b_stack, self.scaling)
+        p = self.dropout_p if self.training else 0.0
+        y = lora_linear(x, self.base.weight, self.base.bias, a_stack, b_stack, self.scaling, p)
         if self.orthogonality in ("soft", "both") and torch.is_grad_enabled():
             penalty = self.orthogonality_lambda * (self.knowledge_A @ align_A.t()).abs().sum()
             y = self._with_penalty(y, penalty)
@@ -334,7 +325,7 @@ class OrthogonalLoRALinear(_AdapterBase):
         return {"type": "OrthogonalLoRALinear", "rank": self.rank, "knowledge_rank": self.knowledge_rank,
                 "scaling": self.scaling, "orthogonality": self.orthogonality,
                 "orthogonality_lambda": self.orthogonality_lambda, "freeze_knowledge": self.freeze_knowledge,
-                "dropout": _dropout_p(self.dropout), "protected_rank": self.protected_rank}
+                "dropout": self.dropout_p, "protected_rank": self.protected_rank}
 
     @classmethod
     def from_spec(cls, base, spec):
@@ -351,6 +342,3 @@ class OrthogonalLoRALinear(_AdapterBase):
 
 ADAPTER_TYPES = {cls.__name__: cls for cls in (LoRALinear, MixtureOfLoRALinear, OrthogonalLoRALinear)}
 
-
-def _dropout_p(module):
-    return module.p if isinstance(module, nn.Dropout) else 0.0
