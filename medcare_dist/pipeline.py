@@ -31,7 +31,8 @@ from medcare_dist.errors import InputError
 from medcare_dist.training.faults import injected_failure
 from medcare_dist.method.injection import add_stage1_adapters, add_stage2_adapters, merge_all, merge_attention_lora, remove_adapters
 from medcare_dist.training.loss import install_chunked_lm_head
-from medcare_dist.training.modeling import device_type, enable_gradient_checkpointing, load_base_model
+from medcare_dist.training.modeling import (device_type, enable_gradient_checkpointing, load_base_model,
+                                            use_fused_gated_mlp)
 from medcare_dist.training.packing import collate_packed, supports_packing
 from medcare_dist.method.orthogonal import orthogonality_residual
 from medcare_dist.training.trainer import StageTrainer
@@ -567,6 +568,7 @@ class Pipeline:
         # The loss is computed inside the lm_head's forward, a chunk of labelled positions at a time (never
         # [tokens, vocab] fp32 logits); under ZeRO-3 that module's hooks gather the lm_head weight for it.
         install_chunked_lm_head(model, self.cfg.model.loss_chunk_tokens or None)
+        use_fused_gated_mlp(model)  # the MLP activation keeps two [tokens, intermediate] tensors, not three
         if self.cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         # The frozen embedding's output carries no grad; without one, ZeRO-3's

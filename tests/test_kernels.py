@@ -372,3 +372,59 @@ def test_routed_mask_switches_the_noise_aggregator_off_per_token(torch_backend, 
     g_wr, g_br, g_a, g_b = torch.autograd.grad(y0.sum(), [Wr, br, A, B])
     for g in (g_wr, g_br, g_a, g_b):
         assert g is not None and torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 33)])
+def test_silu_mul_matches_float64_and_keeps_two_tensors(dtype, shape):
+    """SiluMul (sigmoid recomputed in the backward) against float64 autograd; it saves its two inputs, where
+    plain autograd saves three tensors of that size."""
+    from kernels.swiglu import silu_mul, silu_mul_torch
+
+    g = torch.Generator().manual_seed(len(shape))
+    gate0, up0 = (4 * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    gate, up = (t.to(dtype).requires_grad_() for t in (gate0, up0))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = silu_mul(gate, up)
+    grad_out = torch.randn(shape, generator=g, dtype=torch.float64)
+    got.backward(grad_out.to(dtype))
+    rg, ru = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+    ref = silu_mul_torch(rg, ru)
+    ref.backward(grad_out)
+    tol = TOL[dtype] * 4
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * scale)
+    for leaf, r in ((gate, rg), (up, ru)):
+        torch.testing.assert_close(leaf.grad.double(), r.grad, rtol=2 * tol, atol=2 * tol * r.grad.abs().max().item())
+    assert len(saved) == 2
+    plain = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain.append(t) or t, lambda t: t):
+        silu_mul_torch(gate, up)
+    assert len({t.untyped_storage().data_ptr() for t in plain}) == 3
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_fused_gated_mlp_is_the_model_it_replaces(arch):
+    """use_fused_gated_mlp switches every SiLU-gated MLP; the model's loss and every input and weight gradient
+    are those of the unswitched copy (float64), and its parameter names are unchanged."""
+    import copy
+
+    import transformers
+
+    from medcare_dist.training.modeling import use_fused_gated_mlp
+
+    cfg_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
+    cfg = cfg_cls(hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    plain = transformers.AutoModelForCausalLM.from_config(cfg).double()
+    fused = copy.deepcopy(plain)
+    assert use_fused_gated_mlp(fused) == 2
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    ids = torch.randint(0, 64, (2, 11))
+    for model in (plain, fused):
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(fused(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)

@@ -1,8 +1,10 @@
-"""Loading the frozen backbone: dtype, attention kernel, ZeRO-3 construction, checkpointing."""
+"""Loading the frozen backbone: dtype, attention kernel, ZeRO-3 construction, checkpointing, the fused MLP
+activation."""
 
 import contextlib
 import importlib.util
 import logging
+import types
 
 import torch
 
@@ -84,3 +86,26 @@ def enable_gradient_checkpointing(model):
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
+
+
+# Gated MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers 5.24).
+GATED_MLP_CLASSES = ("Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP")
+SILU_CLASSES = ("SiLUActivation", "SiLU")
+
+
+def _fused_gated_mlp_forward(self, x):
+    from kernels.swiglu import silu_mul
+
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def use_fused_gated_mlp(model) -> int:
+    """Compute each SiLU-gated MLP's activation with kernels.swiglu.silu_mul, which keeps two of the three
+    [tokens, intermediate] tensors plain autograd keeps for the backward. The MLP's modules, parameter names
+    and outputs are unchanged; MLPs of other classes or activations are left alone. Returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ in GATED_MLP_CLASSES and type(getattr(module, "act_fn", None)).__name__ in SILU_CLASSES:
+            module.forward = types.MethodType(_fused_gated_mlp_forward, module)
+            n += 1
+    return n
