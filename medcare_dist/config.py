@@ -83,7 +83,7 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    loss_chunk_tokens: int = 0  # lm_head rows per loss chunk; 0: auto (64 MiB of fp32 logits on CPU, 1 GiB on GPU)
+    loss_chunk_tokens: int = 0  # lm_head rows per loss chunk; 0: auto (16 MiB of fp32 logits on CPU, 1 GiB on GPU)
 
 
 @dataclass

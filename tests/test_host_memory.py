@@ -1,6 +1,7 @@
 """A rank's host memory: phase peaks from /proc, the training tensors by role, the stage engine freed, and the
 planner's host-memory prediction against hand-computed figures."""
 
+import dataclasses
 import gc
 import json
 import weakref
@@ -109,11 +110,14 @@ def _plan(device="cpu", stage=1, offload=False, world=2):
 
 def test_the_chunked_loss_row_is_one_chunk_of_logits_and_its_gradient():
     work = Workload(device="cpu")
-    chunk = (64 * MiB) // (4 * 5000)  # 3355 rows: more than the 300 tokens, so every row is one chunk
-    assert loss_bytes(300, SHAPE, work) == 2 * 300 * 5000 * 4 + 300 * 256 * 4
-    assert loss_bytes(10000, SHAPE, work) == 2 * chunk * 5000 * 4 + 10000 * 256 * 4
+    chunk = (16 * MiB) // (4 * 5000)  # 838 rows: more than the 300 tokens, so every row is one chunk
+    assert loss_bytes(300, SHAPE, work) == 300 * 5000 * 4 + 300 * 256 * 4
+    assert loss_bytes(10000, SHAPE, work) == chunk * 5000 * 4 + 10000 * 256 * 4
+    assert loss_bytes(10000, dataclasses.replace(SHAPE, vocab_size=10**6), work) == \
+        128 * 10**6 * 4 + 10000 * 256 * 4  # at least 128 rows
     gpu = Workload(device="cuda")
-    assert loss_bytes(10000, SHAPE, gpu) == 2 * 10000 * 5000 * 4 + 10000 * 256 * 4  # 1 GiB chunks: all at once
+    # 1 GiB chunks: all at once; bf16: the GEMM's output and the gradient's copy beside the fp32 logits
+    assert loss_bytes(10000, SHAPE, gpu, 2) == 10000 * 5000 * (4 + 2) + 10000 * 256 * 2
     assert _plan()["memory"]["per_gpu_bytes"]["logits and loss (fp32 chunks of labelled positions)"] == \
         loss_bytes(300, SHAPE, work)
 

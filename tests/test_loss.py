@@ -73,7 +73,7 @@ def test_unshifted_targets_and_helpers():
     b, _ = chunked_causal_lm_loss(hidden, weight, targets, shift=False)
     torch.testing.assert_close(a, b)
     assert auto_chunk_tokens(151936, "cuda") * 151936 * 4 <= 2**30
-    assert auto_chunk_tokens(32000) * 32000 * 4 <= 64 * 2**20 and auto_chunk_tokens(10**9) == 16
+    assert auto_chunk_tokens(32000) * 32000 * 4 <= 16 * 2**20 and auto_chunk_tokens(10**9) == 128
 
 
 def test_all_ignored_and_bad_labels():
