@@ -11,7 +11,8 @@ from medcare_dist.config import (REPO_ROOT, ConfigError, RunConfig, StageConfig,
 
 RECIPES = REPO_ROOT / "launch" / "recipes"
 DEMO = str(RECIPES / "demo.yaml")
-DS_CONFIGS = ["ds_configs/zero3.json", "ds_configs/zero3_offload.json", "ds_configs/zero2.json"]
+DS_CONFIGS = ["ds_configs/zero3.json", "ds_configs/zero3_cpu.json", "ds_configs/zero3_offload.json",
+              "ds_configs/zero2.json"]
 
 
 def write(tmp_path, text, name="r.yaml") -> str:
@@ -377,6 +378,16 @@ def test_ds_json_files_leave_batch_sizes_to_the_recipe():
         if z["stage"] == 3:
             # every adapter tensor at the paper's ranks persists; no Qwen1.5 backbone matrix does
             assert 8 * 16 * 13696 <= z["stage3_param_persistence_threshold"] < 2048 * 2048
+
+
+def test_cpu_zero3_is_zero3_without_prefetch():
+    """zero3_cpu.json differs from zero3.json in the prefetch bucket only, so the two cannot drift apart."""
+    gpu, cpu = (json.loads((REPO_ROOT / "ds_configs" / n).read_text()) for n in ("zero3.json", "zero3_cpu.json"))
+    assert gpu["zero_optimization"]["stage3_prefetch_bucket_size"] > 0
+    assert cpu["zero_optimization"].pop("stage3_prefetch_bucket_size") == 0
+    gpu["zero_optimization"].pop("stage3_prefetch_bucket_size")
+    assert {k: v for k, v in cpu.items() if k != "_comment"} == {k: v for k, v in gpu.items() if k != "_comment"}
+    assert load_config(DEMO).deepspeed.config == "ds_configs/zero3_cpu.json"
 
 
 @pytest.mark.parametrize("rel", DS_CONFIGS)
