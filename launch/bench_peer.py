@@ -142,6 +142,10 @@ def peer_worker(spec: dict):
         Path(spec["result"]).write_text(json.dumps({
             "seconds": clock.seconds, "tokens": tokens.item(), "tokens_per_s": tokens.item() / clock.seconds,
             "train_loss": result.metrics.get("train_loss"), "trainable_parameters": trainable}))
+    # Leave the process group before exiting: one peer rank of a 2-round run (2026-12-01) was killed at exit by
+    # "terminate called without an active exception" (a communication thread still joinable at teardown).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 # ----- the driver ----------------------------------------------------------------------------------------------
