@@ -31,7 +31,9 @@ def test_an_installed_wheel_finds_its_recipes_and_ds_configs_outside_the_checkou
     wheel = next(wheels.glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for rel in ("medcare_dist/training/integrity.py", "medcare_dist/shipped_recipes/demo.yaml",
-                "medcare_dist/shipped_ds_configs/zero3.json", "kernels/mixture_lora.py"):
+                "medcare_dist/shipped_ds_configs/zero3.json",
+                "medcare_dist/shipped_ds_configs/zero3_cpu.json", "kernels/mixture_lora.py", "kernels/lora_linear.py",
+                "kernels/swiglu.py"):
         assert rel in names, rel
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
@@ -45,6 +47,6 @@ def test_an_installed_wheel_finds_its_recipes_and_ds_configs_outside_the_checkou
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["package"].startswith(str(target))
-    assert got["ds_config"] == str(target / "medcare_dist" / "shipped_ds_configs" / "zero3.json")
+    assert got["ds_config"] == str(target / "medcare_dist" / "shipped_ds_configs" / "zero3_cpu.json")  # demo.yaml's
     assert got["stage"] == 3 and got["epochs"] == 16
     assert got["recipes"] == sorted(p.name for p in (REPO / "launch" / "recipes").glob("*.yaml"))
