@@ -19,6 +19,8 @@ is gathered for the layer's forward and backward alike. `lora_linear_torch` is t
 computation in plain autograd.
 """
 
+import math
+
 import torch
 
 _BITS = 16
@@ -35,9 +37,7 @@ def dropout_keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor | None
     threshold = round(p * (1 << _BITS))  # drop where the 16-bit draw falls below it
     if threshold == 0:
         return None, 1.0
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-n // 4),), dtype=torch.int64, device=device)
     draws = words.view(torch.int16)[:n]  # uniform on [-2^15, 2^15)
     keep = (draws >= threshold - (1 << (_BITS - 1))).view(shape)
@@ -47,7 +47,7 @@ def dropout_keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor | None
 def dropout_input(x: torch.Tensor, p: float) -> torch.Tensor:
     """x with dropout_keep_mask's dropout (plain autograd; for paths that take the dropped x itself)."""
     keep, keep_prob = dropout_keep_mask(x.shape, p, x.device)
-    return x if keep is None else x * keep * (1.0 / keep_prob)
+    return _dropped(x, keep, keep_prob, x.dtype)
 
 
 def _dropped(x2, keep2, keep_prob, dtype):
