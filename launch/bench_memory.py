@@ -107,7 +107,8 @@ def run_case(case: str, root: Path, steps: int) -> tuple[list[str], float]:
 def predict(case: str, root: Path, overrides: list[str]) -> dict:
     """The planner's host memory per phase for this case's two stages, from the run's own recipe and data."""
     from medcare_dist.cluster.host_plan import host_memory
-    from medcare_dist.cluster.planner import Cluster, Workload, load_model_shape, plan, zero_settings
+    from medcare_dist.cluster.model_shape import load_model_shape
+    from medcare_dist.cluster.planner import Cluster, Workload, plan, zero_settings
     from medcare_dist.config import build_ds_config, load_config
 
     cfg = load_config("launch/recipes/demo.yaml", overrides)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from medcare_dist.cluster import planner
+from medcare_dist.cluster import plan_measure, planner
+from medcare_dist.cluster.model_shape import load_model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,9 +87,9 @@ def test_multi_turn_samples_reads_rows_again_only_when_one_pass_is_short(tmp_pat
 
 def test_bus_rate_is_the_inverse_of_the_planners_ring_time():
     for world, payload, seconds in ((2, 32 * 2**20, 0.15), (8, 10**9, 2.0)):
-        gbs = planner.bus_gbs(payload, world, seconds)
+        gbs = plan_measure.bus_gbs(payload, world, seconds)
         assert planner._ring_seconds(payload, world, gbs) == pytest.approx(seconds)
-    assert planner.bus_gbs(1000, 1, 1.0) == float("inf")  # one rank moves nothing
+    assert plan_measure.bus_gbs(1000, 1, 1.0) == float("inf")  # one rank moves nothing
 
 
 def _args(*argv):
@@ -97,14 +98,14 @@ def _args(*argv):
 
 def test_measured_cluster_takes_the_calibrated_rates_and_plan_uses_them():
     calibration = {"gemm": {"tflops": 0.125}, "all_gather": {"bus_gbs": 0.4}}
-    cluster = planner.measured_cluster(_args("--overlap", "0.5"), 1, 2, calibration)
+    cluster = plan_measure.measured_cluster(_args("--overlap", "0.5"), 1, 2, calibration)
     assert (cluster.gpu_tflops, cluster.intra_node_gbs, cluster.inter_node_gbs, cluster.world,
             cluster.overlap) == (0.125, 0.4, 0.4, 2, 0.5)
     # without calibration: the command line's rates (the planner's defaults unless given)
-    plain = planner.measured_cluster(_args("--gpu-tflops", "300"), 2, 4, None)
+    plain = plan_measure.measured_cluster(_args("--gpu-tflops", "300"), 2, 4, None)
     assert (plain.gpu_tflops, plain.intra_node_gbs, plain.inter_node_gbs, plain.world) == (300, 150.0, 25.0, 8)
     # the predicted step: compute at the calibrated rate, communication over the calibrated link
-    shape = planner.load_model_shape("qwen1.5-1.8b")
+    shape = load_model_shape("qwen1.5-1.8b")
     work = planner.Workload(stage=1, seq_len=1024, micro_batch=2, global_batch=4, dtype="fp32",
                             gradient_checkpointing=False)
     p = planner.plan(shape, cluster, work, planner.zero_settings(planner.repo_ds_config(3, False)))

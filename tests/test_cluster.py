@@ -394,8 +394,9 @@ def test_planner_replays_zero3_fetches_as_deepspeed_does():
     """The coordinator replay against figures measured with DeepSpeed 0.19.8's comms logger (2 ranks, the
     tiny model above, persistence threshold 1000): elements all-gathered per micro-step."""
     from medcare_dist.config import load_config
-    from medcare_dist.cluster.planner import (ZERO_DEFAULTS, ModelShape, build_model, mark_persistent,
-                                      simulate_zero3_fetches, training_trace, unique_params)
+    from medcare_dist.cluster.model_shape import ModelShape, build_model, mark_persistent, unique_params
+    from medcare_dist.cluster.planner import ZERO_DEFAULTS
+    from medcare_dist.cluster.zero3_replay import simulate_zero3_fetches, training_trace
 
     shape = ModelShape("tiny", 64, 128, 2, 4, 2, 1536)
     adapters = load_config(str(REPO / "launch/recipes/demo.yaml")).adapters
@@ -741,7 +742,8 @@ def test_activation_row_is_what_a_real_layer_saves(stage, attn_dropout, expert_d
     import torch
     import transformers
 
-    from medcare_dist.cluster.planner import activation_bytes_per_layer, load_model_shape
+    from medcare_dist.cluster.model_shape import load_model_shape
+    from medcare_dist.cluster.planner import activation_bytes_per_layer
     from medcare_dist.config import AdapterConfig
     from medcare_dist.method.injection import add_stage1_adapters, add_stage2_adapters, merge_attention_lora
     from medcare_dist.training.modeling import use_fused_gated_mlp

@@ -44,7 +44,7 @@ def test_recipes_load(name):
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "llama-3.1-8b"])
 def test_family_recipes_are_the_paper_recipe_on_another_model(name):
-    from medcare_dist.cluster.planner import PRESETS
+    from medcare_dist.cluster.model_shape import PRESETS
 
     cfg, paper = load_config(str(RECIPES / f"{name}.yaml")), load_config(str(RECIPES / "qwen1.5-7b.yaml"))
     mine, ref = cfg.to_dict(), paper.to_dict()

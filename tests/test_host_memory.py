@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medcare_dist.cluster.host_plan import CPU_RUNTIME_BYTES, host_memory
-from medcare_dist.cluster.planner import (Cluster, ModelShape, Workload, build_model, loss_bytes, plan,
-                                          unique_params, zero_settings)
+from medcare_dist.cluster.model_shape import ModelShape, build_model, unique_params
+from medcare_dist.cluster.planner import Cluster, Workload, loss_bytes, plan, zero_settings
 from medcare_dist.config import AdapterConfig
 from medcare_dist.training import host_memory as hm
 

@@ -84,7 +84,7 @@ def test_recipe_targets_are_checked_where_they_are_written(tmp_path):
 
 @pytest.mark.parametrize("targets", [(["all"], ["all"]), ([r"model\.layers\.0\.self_attn\.[qk]_proj"], ["up_proj"])])
 def test_the_planner_counts_the_adapters_the_model_gets(targets):
-    from medcare_dist.cluster.planner import ModelShape, build_model, unique_params
+    from medcare_dist.cluster.model_shape import ModelShape, build_model, unique_params
 
     cfg = adapter_cfg(attn_targets=targets[0], mlp_targets=targets[1])
     model = tiny("qwen2")

@@ -23,7 +23,7 @@ at the same time (rank 0's merge runs while the others wait).
 
 from __future__ import annotations
 
-from medcare_dist.cluster.planner import DTYPE_BYTES, GiB
+from medcare_dist.cluster.model_shape import DTYPE_BYTES, GiB
 
 # RSS of a rank before it loads any data or model (launch/bench_memory.py, 2-core CPU, 2026-12-01: 0.58 GiB on
 # both the demo and the 0.5B run; torch 2.13, transformers 5.24, DeepSpeed 0.19.8).
