@@ -733,14 +733,19 @@ def test_ctrl_c_to_a_plain_run_checkpoints_and_exits_75(tiny_assets, tmp_path):
     assert (out / "stage1" / "checkpoints" / "latest").is_file()
 
 
-@pytest.mark.parametrize("stage,attn_dropout,expert_dropout", [(1, 0.0, 0.0), (1, 0.1, 0.1), (2, 0.0, 0.0),
-                                                               (2, 0.1, 0.0)])
-def test_activation_row_is_what_a_real_layer_saves(stage, attn_dropout, expert_dropout, tmp_path, monkeypatch):
+@pytest.mark.parametrize("zero3_linear", [False, True], ids=["torch-linear", "zero3-linear"])
+@pytest.mark.parametrize("stage,attn_dropout,expert_dropout,mlp_targets", [
+    (1, 0.0, 0.0, None), (1, 0.1, 0.1, None), (2, 0.0, 0.0, None), (2, 0.1, 0.0, None),
+    (2, 0.0, 0.0, ["gate_proj", "up_proj"])])
+def test_activation_row_is_what_a_real_layer_saves(stage, attn_dropout, expert_dropout, mlp_targets, zero3_linear,
+                                                   tmp_path, monkeypatch):
     """The planner's per-layer activation bytes against the tensors a real Qwen2 decoder layer keeps for its
     backward (saved_tensors_hooks, unique storages that are not parameters), with the pipeline's adapters and
-    fused MLP, for each stage with and without dropout: within 3 %."""
+    fused MLP, for each stage with and without dropout, and with torch's F.linear or the input-keeping one
+    DeepSpeed's zero.Init installs (memory_efficient_linear): within 3 %."""
     import torch
     import transformers
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
     from medcare_dist.cluster.model_shape import load_model_shape
     from medcare_dist.cluster.planner import activation_bytes_per_layer
@@ -748,7 +753,8 @@ def test_activation_row_is_what_a_real_layer_saves(stage, attn_dropout, expert_d
     from medcare_dist.method.injection import add_stage1_adapters, add_stage2_adapters, merge_attention_lora
     from medcare_dist.training.modeling import use_fused_gated_mlp
 
-    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)  # torch's own, whatever ran before
+    # torch's own whatever ran before, or the wrapper that zero.Init leaves in place
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap if zero3_linear else torch._C._nn.linear)
     cfg = transformers.Qwen2Config(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                                    max_position_embeddings=256)
@@ -757,7 +763,8 @@ def test_activation_row_is_what_a_real_layer_saves(stage, attn_dropout, expert_d
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     model.config.use_cache = False
     adapters = AdapterConfig(attn_rank=8, expert_rank=4, num_experts=4, top_k=2, shared_rank=8, align_rank=8,
-                             attn_dropout=attn_dropout, expert_dropout=expert_dropout)
+                             attn_dropout=attn_dropout, expert_dropout=expert_dropout,
+                             **({"mlp_targets": mlp_targets} if mlp_targets else {}))
     add_stage1_adapters(model, adapters)
     if stage == 2:
         merge_attention_lora(model)
@@ -780,6 +787,6 @@ def test_activation_row_is_what_a_real_layer_saves(stage, attn_dropout, expert_d
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=torch.randint(0, 256, (batch, seq)), position_ids=torch.arange(seq).repeat(batch, 1))
     predicted = activation_bytes_per_layer(load_model_shape(str(tmp_path)), adapters, stage, batch * seq, 4,
-                                           batch, seq)
+                                           batch, seq, linear_keeps_inputs=zero3_linear)
     measured = sum(saved.values())
     assert abs(predicted - measured) <= 0.03 * measured, (predicted, measured)

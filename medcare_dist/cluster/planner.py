@@ -44,6 +44,7 @@ ZERO_DEFAULTS = {
     "stage3_max_reuse_distance": 1000000000,
     "reduce_bucket_size": 500000000,
     "allgather_bucket_size": 500000000,
+    "memory_efficient_linear": True,  # zero.Init swaps F.linear for a wrapper that keeps every input
 }
 
 
@@ -84,7 +85,7 @@ def zero_settings(ds_config: Optional[dict], stage: Optional[int] = None, offloa
     zo = (ds_config or {}).get("zero_optimization", {})
     for key in ZERO_DEFAULTS:
         if key in zo and zo[key] != "auto":
-            z[key] = int(zo[key])
+            z[key] = type(ZERO_DEFAULTS[key])(zo[key])
     z["offload_param"] = zo.get("offload_param", {}).get("device", "none") == "cpu"
     z["offload_optimizer"] = zo.get("offload_optimizer", {}).get("device", "none") == "cpu"
     if stage is not None:
@@ -107,11 +108,14 @@ def repo_ds_config(stage: int, offload: bool) -> dict:
 
 
 def activation_bytes_per_layer(shape: ModelShape, adapters, stage: int, tokens: int, w: int, batch: int,
-                               seq: int) -> float:
+                               seq: int, linear_keeps_inputs: bool = False) -> float:
     """Tensors one decoder layer keeps for its backward (training, SDPA/flash attention, the pipeline's modules:
-    kernels.lora_linear, kernels.swiglu). A frozen linear without an adapter keeps only its weight, so an input
-    counts only where an adapter reads it; tests/test_cluster.py checks this against a real layer's saved
-    tensors."""
+    kernels.lora_linear, kernels.swiglu). Torch's frozen linear keeps only its weight, so an input counts only
+    where an adapter reads it, unless linear_keeps_inputs: under ZeRO-3, DeepSpeed replaces F.linear with a
+    wrapper that keeps every input (memory_efficient_linear, on by default; it keeps the weight as the
+    parameter, so a released partition is not pinned). Layers that compute their base inside their own autograd
+    Function do not go through F.linear. tests/test_cluster.py checks this against a real layer's saved
+    tensors, both ways."""
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     qo, kvo = shape.num_attention_heads * d, shape.num_key_value_heads * d
     T = tokens
@@ -124,24 +128,34 @@ def activation_bytes_per_layer(shape: ModelShape, adapters, stage: int, tokens: 
     else:
         attn = []  # merged into the backbone by the TAIA step
     mlp = picks(adapters.mlp_targets, "mlp_targets", "mlp", ("gate_proj", "up_proj", "down_proj"))
+    # The base linear goes through F.linear (and, under the wrapper, keeps its input): plain linears, and a
+    # stage-1 mixture with expert dropout (base and adapters apart); the rest run inside one Function.
+    mixture_apart = stage == 1 and adapters.expert_dropout > 0
+
+    def through_f_linear(name):
+        return name not in attn and name not in mlp or (mixture_apart and name in mlp)
+
+    def wrapper_keeps(names):
+        return linear_keeps_inputs and any(through_f_linear(n) for n in names)
     in_features = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": qo, "gate_proj": h, "up_proj": h,
                    "down_proj": i}
     out_features = {"q_proj": qo, "k_proj": kvo, "v_proj": kvo, "o_proj": h, "gate_proj": i, "up_proj": i,
                     "down_proj": h}
     total = 2 * T * (h + 1) * 4                  # two RMSNorms: the fp32 input and a [T, 1] rsqrt
     total += 2 * T * d * 4                       # RoPE's cos and sin (one pair for all layers; small)
-    if set(attn) & {"q_proj", "k_proj", "v_proj"}:
+    qkv = ("q_proj", "k_proj", "v_proj")
+    if set(attn) & set(qkv) or wrapper_keeps(qkv):
         total += T * h * w                       # attention input, shared by the q/k/v adapters
     # q, k (rotated), v and the output, kept by attention; the output is also o_proj's input (SDPA writes it
     # in [tokens, heads x head_dim] order, so the transpose before o_proj copies nothing)
     total += T * (2 * qo + 2 * kvo) * w
     total += batch * shape.num_attention_heads * seq * 4  # log-sum-exp
     # With expert dropout each stage-1 MLP adapter keeps its own dropped copy (below) instead of its input.
-    mlp_keeps_inputs = not (stage == 1 and adapters.expert_dropout > 0)
-    if mlp_keeps_inputs and set(mlp) & {"gate_proj", "up_proj"}:
+    mlp_keeps_inputs = not mixture_apart
+    if mlp_keeps_inputs and set(mlp) & {"gate_proj", "up_proj"} or wrapper_keeps(("gate_proj", "up_proj")):
         total += T * h * w                       # MLP input, shared by the gate/up adapters
     total += 2 * T * i * w                       # gate and up outputs (silu_mul keeps only these)
-    if mlp_keeps_inputs and "down_proj" in mlp:
+    if mlp_keeps_inputs and "down_proj" in mlp or wrapper_keeps(("down_proj",)):
         total += T * i * w                       # their product, the down_proj adapter's input
     if stage == 1:
         total += len(attn) * T * adapters.attn_rank * w  # x A^T of each attention LoRA
@@ -256,7 +270,8 @@ def plan(shape: ModelShape, cluster: Cluster, work: Workload, zero: dict, adapte
     mem["adapter optimizer states (fp32 master, Adam m, v)"] = opt_bytes
     mem["adapter gradients (partition + reduce bucket)"] = grad_bytes
     per_layer = activation_bytes_per_layer(shape, adapters, work.stage, per_micro_tokens, w, work.micro_batch,
-                                           work.seq_len)
+                                           work.seq_len,
+                                           linear_keeps_inputs=stage3 and zero["memory_efficient_linear"])
     act_full = per_layer * shape.num_hidden_layers
     act_ckpt = per_micro_tokens * shape.hidden_size * w * shape.num_hidden_layers + per_layer
     logits = loss_bytes(per_micro_tokens, shape, work, w)
