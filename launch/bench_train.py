@@ -437,6 +437,7 @@ def run_variant(s, stage, variant, lockstep=False) -> dict:
     from medcare_dist.method.injection import set_penalty_grad_scale
     from medcare_dist.training.loss import install_chunked_lm_head, lm_loss_from_output
     from medcare_dist.training.packing import collate_packed
+    from medcare_dist.training.zero import stop_backward_at_embedding
 
     meter = Meter(s["device"])
     n_samples = s["global_batch"] * s["steps"]
@@ -458,7 +459,7 @@ def run_variant(s, stage, variant, lockstep=False) -> dict:
             # its chunked loss stay outside every checkpoint, so their gradients are computed exactly once.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True},
                                                 every_n_layers=1 if ck == "full" else int(ck[6:]))
-        model.enable_input_require_grads()
+        stop_backward_at_embedding(model)  # as the trainer does
         set_penalty_grad_scale(model, 1.0 / accum)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

@@ -571,10 +571,6 @@ class Pipeline:
         use_fused_gated_mlp(model)  # the MLP activation keeps two [tokens, intermediate] tensors, not three
         if self.cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        # The frozen embedding's output carries no grad; without one, ZeRO-3's
-        # post-backward hook of the first adapter layer fires before its
-        # parameters' gradients are accumulated and releases them too early.
-        model.enable_input_require_grads()
         mark_adapter_leaf_modules(model, ds_config)
         n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                           for p in model.parameters() if p.requires_grad)

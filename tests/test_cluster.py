@@ -392,7 +392,9 @@ def test_planner_reads_a_local_model_directory_and_recipe(tmp_path):
 
 def test_planner_replays_zero3_fetches_as_deepspeed_does():
     """The coordinator replay against figures measured with DeepSpeed 0.19.8's comms logger (2 ranks, the
-    tiny model above, persistence threshold 1000): elements all-gathered per micro-step."""
+    tiny model above, persistence threshold 1000; plan.py --measure matched to the byte in all five,
+    2026-12-02): elements all-gathered per micro-step. The frozen embedding (98,304 elements) is gathered
+    in the forward only: the trainer stops the backward at its output."""
     from medcare_dist.config import load_config
     from medcare_dist.cluster.model_shape import ModelShape, build_model, mark_persistent, unique_params
     from medcare_dist.cluster.planner import ZERO_DEFAULTS
@@ -404,10 +406,10 @@ def test_planner_replays_zero3_fetches_as_deepspeed_does():
     params = unique_params(root)
     measured = {  # (prefetch bucket, reuse distance, checkpointing) -> gathered elements per micro-step
         (50_000_000, 1_000_000_000, False): 325_632,   # everything once (prefetch + reuse keep it)
-        (0, 0, False): 651_264,                        # forward and backward
+        (0, 0, False): 552_960,                        # forward, and backward but the embedding
         (0, 1_000_000_000, False): 325_632,            # reuse distance alone keeps it
-        (100_000, 0, False): 423_936,                  # partly kept through prefetch marks
-        (0, 0, True): 706_560,                         # + trainable tensors again after the recompute
+        (100_000, 0, False): 325_632,                  # kept through prefetch marks
+        (0, 0, True): 608_256,                         # + trainable tensors again after the recompute
     }
     for (bucket, reuse, ckpt), want in measured.items():
         zero = dict(ZERO_DEFAULTS, stage3_param_persistence_threshold=1000, stage3_prefetch_bucket_size=bucket,

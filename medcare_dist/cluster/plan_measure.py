@@ -52,7 +52,7 @@ def measure_main(args):
     from medcare_dist.training.modeling import (device_type, enable_gradient_checkpointing, load_base_model,
                                                 use_fused_gated_mlp)
     from medcare_dist.training.trainer import token_loss_sum
-    from medcare_dist.training.zero import mark_adapter_leaf_modules
+    from medcare_dist.training.zero import mark_adapter_leaf_modules, stop_backward_at_embedding
 
     if args.stage != 1:
         print("error: --measure runs stage 1 only", file=sys.stderr)
@@ -85,10 +85,10 @@ def measure_main(args):
     ckpt = args.ckpt if args.ckpt is not None else cfg.model.gradient_checkpointing
     if ckpt:
         enable_gradient_checkpointing(model)
-    model.enable_input_require_grads()
     mark_adapter_leaf_modules(model, ds)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4), config=ds)
+    stop_backward_at_embedding(model)  # as the trainer does
     engine.train()
     dcomm.configure(enabled=True, prof_all=True)
     accum = ds["gradient_accumulation_steps"]

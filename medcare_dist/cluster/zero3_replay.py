@@ -32,7 +32,7 @@ def training_trace(modules: dict, n_layers: int, checkpointing: bool) -> list:
             bwd += [(name, "recompute") for name in layer_forward(i)] + layer_backward(i, with_container=False)
         else:
             bwd += layer_backward(i, with_container=True)
-    bwd += ["model.embed_tokens"]
+    # no "model.embed_tokens": the trainer detaches the embedding's output (training.zero.stop_backward_at_embedding)
     out = [(modules[n], "forward") for n in fwd]
     for item in bwd:
         name, phase = item if isinstance(item, tuple) else (item, "backward")

@@ -77,15 +77,16 @@ def load_base_model(path, dtype: str, attn_implementation: str = "auto", ds_conf
 
 
 def enable_gradient_checkpointing(model):
-    """Reentrant checkpointing with input grads on.
+    """Reentrant checkpointing.
 
     With a frozen ZeRO-3 backbone, non-reentrant recompute meets partitioned
     [0]-shaped weights; reentrant checkpointing re-runs the module forwards
     (and so ZeRO's gather hooks), but needs an input that requires grad or
-    the adapters inside receive no gradient.
+    the adapters inside receive no gradient. transformers marks the embedding
+    output for that (enable_input_require_grads); the trainer then detaches it
+    past ZeRO-3's hooks (medcare_dist.training.zero.stop_backward_at_embedding).
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
 
 
 # Gated MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers 5.24).

@@ -29,6 +29,7 @@ from medcare_dist.training.distributed import all_reduce_sum
 from medcare_dist.method.injection import last_penalty_total, pop_expert_counts, set_noise_aggregator_off, set_penalty_grad_scale
 from medcare_dist.training.loss import ChunkedLMHead, lm_loss_from_output
 from medcare_dist.method.orthogonal import orthogonality_residual
+from medcare_dist.training.zero import stop_backward_at_embedding
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ class StageTrainer:
         with preemption.deferred():  # may JIT-build ops: a signal now is handled at the first step instead
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                         config=ds_config)
+        stop_backward_at_embedding(model)  # after ZeRO-3's hooks: the first layer's input is a leaf
         self.optimizer, self.scheduler = optimizer, scheduler
         self.model = model
         self.device = self.engine.device

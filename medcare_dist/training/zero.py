@@ -40,6 +40,22 @@ def mark_adapter_leaf_modules(model, ds_config: dict):
         set_z3_leaf_modules(model, present)
 
 
+def _leaf_requiring_grad(module, inputs, output):
+    return output.detach().requires_grad_(True)
+
+
+def stop_backward_at_embedding(model):
+    """Make the input embedding's output a leaf that requires grad. Call it after deepspeed.initialize.
+
+    The first decoder layer's input must require grad: ZeRO-3 releases a module's parameters when the
+    gradient of its input arrives, and reentrant checkpointing needs an input that requires grad. HF's
+    enable_input_require_grads marks the embedding output instead, which leaves the backward running into
+    the embedding module, so ZeRO-3 all-gathers the frozen embedding again for no gradient. Registered
+    after ZeRO-3's own forward hooks, this detaches past them.
+    """
+    return model.get_input_embeddings().register_forward_hook(_leaf_requiring_grad)
+
+
 def fit_reduce_bucket(ds_config: dict, n_trainable: int) -> dict:
     """The config with reduce_bucket_size at most the trainable element count.
 
