@@ -109,7 +109,8 @@ def predict(case: str, root: Path, overrides: list[str]) -> dict:
     from medcare_dist.cluster.host_plan import host_memory
     from medcare_dist.cluster.model_shape import load_model_shape
     from medcare_dist.cluster.planner import Cluster, Workload, plan, zero_settings
-    from medcare_dist.config import build_ds_config, load_config
+    from medcare_dist.config import load_config
+    from medcare_dist.training.ds_config import build_ds_config
 
     cfg = load_config("launch/recipes/demo.yaml", overrides)
     out = Path(cfg.output_dir)

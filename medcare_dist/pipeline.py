@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from medcare_dist.method import adapter_io
-from medcare_dist.config import STEPS, build_ds_config, resolve_dtype
+from medcare_dist.config import STEPS, resolve_dtype
+from medcare_dist.training.ds_config import build_ds_config
 from medcare_dist.training.distributed import (all_gather_object, all_reduce_sum, barrier, broadcast_object,
                                               init_distributed)
 from medcare_dist.errors import InputError

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from medcare_dist.config import (REPO_ROOT, ConfigError, RunConfig, StageConfig, build_ds_config, load_config,
-                                 resolve_dtype)
+from medcare_dist.config import REPO_ROOT, ConfigError, RunConfig, StageConfig, load_config, resolve_dtype
+from medcare_dist.training.ds_config import build_ds_config
 
 RECIPES = REPO_ROOT / "launch" / "recipes"
 DEMO = str(RECIPES / "demo.yaml")

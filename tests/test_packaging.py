@@ -12,7 +12,8 @@ from helpers import REPO, base_env
 PROBE = r'''
 import json, sys
 import medcare_dist
-from medcare_dist.config import build_ds_config, load_config, resolve_ds_config_path
+from medcare_dist.config import load_config
+from medcare_dist.training.ds_config import build_ds_config, resolve_ds_config_path
 cfg = load_config("demo", ["stage1.max_steps=2"])
 ds = build_ds_config(cfg, cfg.stage1, 2, "fp32")
 print(json.dumps({"package": medcare_dist.__file__, "ds_config": str(resolve_ds_config_path(cfg.deepspeed.config)),

@@ -46,7 +46,8 @@ def measure_main(args):
     import deepspeed
     import deepspeed.comm as dcomm
 
-    from medcare_dist.config import build_ds_config, load_config, resolve_dtype
+    from medcare_dist.config import load_config, resolve_dtype
+    from medcare_dist.training.ds_config import build_ds_config
     from medcare_dist.training.distributed import barrier, init_distributed
     from medcare_dist.method.injection import add_stage1_adapters
     from medcare_dist.training.modeling import (device_type, enable_gradient_checkpointing, load_base_model,

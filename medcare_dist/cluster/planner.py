@@ -99,7 +99,7 @@ def zero_settings(ds_config: Optional[dict], stage: Optional[int] = None, offloa
 
 
 def repo_ds_config(stage: int, offload: bool) -> dict:
-    from medcare_dist.config import resolve_ds_config_path
+    from medcare_dist.training.ds_config import resolve_ds_config_path
 
     name = "zero2.json" if stage == 2 else ("zero3_offload.json" if offload else "zero3.json")
     path = resolve_ds_config_path(f"ds_configs/{name}")
@@ -547,7 +547,8 @@ def _parser():
 
 def _inputs(args):
     """(shape, cluster, workload, zero, adapters, cfg) from the command line."""
-    from medcare_dist.config import AdapterConfig, load_config, resolve_ds_config_path
+    from medcare_dist.config import AdapterConfig, load_config
+    from medcare_dist.training.ds_config import resolve_ds_config_path
 
     cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     if args.overrides and not args.recipe:
