@@ -2,8 +2,6 @@
 output (so a ZeRO-3 pre-backward hook on the frozen embedding never fires and never gathers it), while the
 adapters' gradients stay those of the model without it, with and without reentrant checkpointing."""
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -62,7 +60,7 @@ def test_backward_stops_at_the_embedding_and_adapter_grads_are_unchanged(checkpo
     want = _adapter_grads(reference, ids)
     assert len(reached) == 1  # HF's way runs the backward into the embedding module
 
-    model = copy.deepcopy(_model())
+    model = _model()  # the same seeded weights
     if checkpointing:
         enable_gradient_checkpointing(model)
     reached = _count_embedding_backward(model)

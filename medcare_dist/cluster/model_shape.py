@@ -49,9 +49,9 @@ PRESETS = {
 # Qwen2.5 keeps Qwen2's shapes at these sizes.
 PRESETS.update({f"qwen2.5-{size}": PRESETS[f"qwen2-{size}"] for size in ("0.5b", "1.5b", "7b")})
 
+
 class PlanError(ValueError):
     """A request the planner cannot answer (unknown model, impossible sizes...)."""
-
 
 
 @dataclass
